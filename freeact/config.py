@@ -1,0 +1,184 @@
+"""Config schemas (registered in Hydra's ConfigStore) and the checks a config must pass before
+any compute starts. Every failure is a :class:`ConfigError` whose message names the key."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .quant.quantizer import GRANULARITIES, QuantSpec
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class QuantSpecConfig:
+    bits: int = 16
+    symmetric: bool = True
+    granularity: str = "row"
+    group_size: int = 128
+    clip_ratio: float = 1.0
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    weight: QuantSpecConfig = field(default_factory=QuantSpecConfig)
+    act: QuantSpecConfig = field(default_factory=QuantSpecConfig)
+    kv: QuantSpecConfig = field(default_factory=lambda: QuantSpecConfig(symmetric=False))
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = "causal"  # causal | llada | dream
+    source: str = "tiny"  # tiny | pretrained
+    path: Optional[str] = None  # hub id or local directory (source=pretrained)
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None  # default: the checkpoint's, or the shipped one for tiny models
+    dtype: str = "auto"
+    arch: Any = field(default_factory=dict)  # architecture dims for source=tiny
+
+
+@dataclass
+class CalibConfig:
+    name: str = "wiki"
+    source: str = "wiki.train"
+    nsamples: int = 32
+    seqlen: int = 128
+    batch_size: int = 8
+    mask_t_min: float = 0.0  # dLLMs: masking ratio t ~ U(t_min, t_max) per sequence
+    mask_t_max: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    name: str = "text"
+    source: str = "wiki.test"
+    seqlen: int = 128
+    max_chunks: Optional[int] = 16
+    batch_size: int = 8
+    mc_num: int = 16  # dLLM Monte-Carlo draws per sequence
+    seed: int = 1234
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"
+    wandb: bool = False
+    mode: str = "offline"  # wandb: offline | online | disabled
+    project: str = "freeact"
+    entity: Optional[str] = None
+
+
+cs = ConfigStore.instance()
+cs.store(group="quant", name="quant_schema", node=QuantConfig)
+cs.store(group="model", name="model_schema", node=ModelConfig)
+cs.store(group="calib", name="calib_schema", node=CalibConfig)
+cs.store(group="eval", name="eval_schema", node=EvalConfig)
+cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+FAMILIES = ("causal", "llada", "dream")
+SOURCES = ("tiny", "pretrained")
+DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+WEIGHT_ALGOS = ("rtn", "gptq", "none")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def spec(cfg, key: str) -> QuantSpec:
+    s = cfg.quant[key]
+    _check(2 <= s.bits <= 16, f"quant.{key}.bits={s.bits} must be in 2..16 (16 = not quantized)")
+    g = QuantSpec(bits=2, granularity=s.granularity).granularity if s.granularity else None
+    _check(g in GRANULARITIES, f"quant.{key}.granularity={s.granularity!r} must be one of {GRANULARITIES}")
+    _check(0 < s.clip_ratio <= 1, f"quant.{key}.clip_ratio={s.clip_ratio} must be in (0, 1]")
+    _check(g != "group" or s.group_size > 0, f"quant.{key}.group_size={s.group_size} must be > 0")
+    return QuantSpec(bits=s.bits, symmetric=s.symmetric, granularity=g, group_size=s.group_size,
+                     clip_ratio=s.clip_ratio)
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1
+
+
+def model_widths(m) -> dict:
+    """hidden / intermediate / head dims of the configured model, read without loading weights."""
+    if m.source == "tiny":
+        raw = OmegaConf.to_container(m.arch)
+    else:
+        from transformers.utils import cached_file
+
+        with open(cached_file(m.path, "config.json")) as f:
+            raw = json.load(f)
+    h = raw.get("hidden_size") or raw.get("d_model")
+    heads = raw.get("num_attention_heads") or raw.get("n_heads")
+    return {"hidden": h, "intermediate": raw.get("intermediate_size") or raw.get("mlp_hidden_size"),
+            "head_dim": raw.get("head_dim") or (h // heads if h and heads else None)}
+
+
+def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
+    """Raise ConfigError on the first bad value; return the quantizer specs."""
+    from .data.text import text_path
+
+    _check(cfg.method.name in method_names, f"method.name={cfg.method.name!r} is not one of {method_names}")
+    _check(cfg.method.get("weight_algo", "rtn") in WEIGHT_ALGOS,
+           f"method.weight_algo={cfg.method.get('weight_algo')!r} must be one of {WEIGHT_ALGOS}")
+    m = cfg.model
+    _check(m.family in FAMILIES, f"model.family={m.family!r} must be one of {FAMILIES}")
+    _check(m.source in SOURCES, f"model.source={m.source!r} must be one of {SOURCES}")
+    _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {DTYPES}")
+    if m.source == "pretrained":
+        _check(bool(m.path), "model.path must be set for a pretrained model (a hub id or a local directory)")
+        if _is_local(m.path):
+            _check(Path(m.path).expanduser().exists(), f"model.path={m.path} does not exist")
+    if m.tokenizer and _is_local(m.tokenizer):
+        _check(Path(m.tokenizer).expanduser().exists(), f"model.tokenizer={m.tokenizer} does not exist")
+    specs = {k: spec(cfg, k) for k in ("weight", "act", "kv")}
+    _check(cfg.calib.nsamples > 0, f"calib.nsamples={cfg.calib.nsamples} must be > 0")
+    _check(cfg.calib.seqlen > 1, f"calib.seqlen={cfg.calib.seqlen} must be > 1")
+    _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
+    _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
+    _check(0 <= cfg.calib.mask_t_min <= cfg.calib.mask_t_max <= 1,
+           f"calib.mask_t_min/max=({cfg.calib.mask_t_min}, {cfg.calib.mask_t_max}) must satisfy 0 <= min <= max <= 1")
+    for key in ("calib", "eval"):
+        try:
+            text_path(cfg[key].source)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{key}.source: {e}") from None
+    _check(cfg.logger.mode in ("offline", "online", "disabled"),
+           f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    try:
+        widths = model_widths(m)
+    except (OSError, KeyError, TypeError) as e:
+        raise ConfigError(f"model: cannot read the architecture of {m.name}: {e}") from None
+    for key, s in specs.items():
+        if s.enabled and s.granularity == "group":
+            dims = [widths["head_dim"]] if key == "kv" else [widths["hidden"], widths["intermediate"]]
+            for d in dims:
+                _check(d is None or d % s.group_size == 0,
+                       f"quant.{key}.group_size={s.group_size} does not divide the width {d} of {m.name}")
+    return specs
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a run: everything that changes its numbers (not logging or bookkeeping keys)."""
+    import hashlib
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in ("logger", "force", "progress", "results_file", "save_dir", "tag"):
+        c.pop(k, None)
+    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

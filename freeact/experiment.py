@@ -1,0 +1,95 @@
+"""One run: load model -> calibration data -> method -> evaluation -> result row."""
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+from .data.calib import build_calib_set
+from .eval import evaluate_text
+from .methods import QuantContext, QuantSettings, get_method
+from .models import get_adapter
+from .models.loading import build_tiny, load_pretrained, load_tokenizer, resolve_dtype
+from .tracking.results import flatten
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model(mcfg, device: str, seed: int = 0):
+    dtype = resolve_dtype(mcfg.dtype, device)
+    if mcfg.source == "tiny":
+        tok = load_tokenizer(mcfg.tokenizer)
+        model = build_tiny(mcfg.family, OmegaConf.to_container(mcfg.arch), tok, seed=seed).to(dtype)
+    else:
+        tok = load_tokenizer(mcfg.tokenizer or mcfg.path, gguf_file=None if mcfg.tokenizer else mcfg.gguf_file)
+        model = load_pretrained(mcfg.family, mcfg.path, dtype, gguf_file=mcfg.gguf_file)
+    return model.to(device).eval(), tok
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return (out.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, object]:
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    model, tok = load_model(cfg.model, device, seed=cfg.seed)
+    adapter = get_adapter(model)
+    method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method))
+
+    calib = None
+    t_calib = time.time()
+    if method.quantizes:
+        calib = build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
+                                mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
+                                t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max)
+        ctx = QuantContext(model, adapter, QuantSettings(**specs), calib, device=device,
+                           batch_size=cfg.calib.batch_size, seed=cfg.seed, progress=cfg.progress)
+        info = method.apply(ctx)
+    else:
+        info = {}
+    t_quant = time.time() - t_calib
+
+    metrics = evaluate_text(model, adapter, tok, cfg.eval, device=device, progress=cfg.progress)
+    row = {
+        "run_hash": run_hash,
+        "status": "ok",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **flatten(cfg),
+        **{f"info.{k}": v for k, v in info.items()},
+        **metrics,
+        "quant_seconds": round(t_quant, 3),
+        "wall_seconds": round(time.time() - t0, 3),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": git_commit(),
+    }
+    return row, model

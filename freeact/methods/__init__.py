@@ -1,0 +1,5 @@
+"""Quantization methods: one file per method, one interface (:class:`Method`)."""
+from . import baselines  # noqa: F401  (registers fp16, rtn, gptq)
+from .base import Method, QuantContext, QuantSettings, get_method, method_names, register_method
+
+__all__ = ["Method", "QuantContext", "QuantSettings", "get_method", "method_names", "register_method"]

@@ -1,0 +1,79 @@
+"""Block-by-block calibration: capture the inputs of the first decoder layer once, then push
+them through one layer at a time. GPTQ, FlatQuant and FreeAct all calibrate this way, so only
+the current layer (and the cached hidden states) need be on the compute device.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model, adapter, batches, device="cpu"):
+    """Run the model up to its first decoder layer for each batch of input ids.
+
+    Returns ``(hidden, kwargs, types)``: per batch, the hidden states entering layer 0, the
+    keyword arguments the layers are called with (RoPE cos/sin, attention mask ...), and the
+    token-type tensor (None unless the model carries :class:`~freeact.models.token_types.TokenTypes`).
+    """
+    layer0 = adapter.layers()[0]
+    tt = getattr(model, "freeact_token_types", None)
+    hidden, kwargs, types = [], [], []
+
+    def hook(_, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        types.append(None if tt is None else tt.current)
+        raise _Stop
+
+    h = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return hidden, kwargs, types
+
+
+def layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_layer(layer: nn.Module, hidden: list, kwargs: list, types: list | None = None, token_types=None) -> list:
+    """Outputs of ``layer`` for every cached batch (no grad), with each batch's token types set."""
+    outs = []
+    with torch.no_grad():
+        for i, (h, kw) in enumerate(zip(hidden, kwargs)):
+            with _types(token_types, types, i):
+                outs.append(layer_output(layer(h, **kw)))
+    return outs
+
+
+@contextmanager
+def _types(token_types, types, i):
+    if token_types is None or types is None:
+        yield
+    else:
+        with token_types.use(types[i]):
+            yield
+
+
+@contextmanager
+def capture_inputs(linears: dict[str, nn.Linear], fn):
+    """Call ``fn(name, x)`` with the input every linear in ``linears`` receives (after any
+    input pipeline the linear carries) while the context is open."""
+    handles = [lin.register_forward_hook(lambda m, a, o, n=n: fn(n, a[0].detach())) for n, lin in linears.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

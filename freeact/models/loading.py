@@ -1,0 +1,163 @@
+"""Build or load a model + tokenizer from a model config.
+
+``family`` says which architecture the weights have:
+
+* ``causal``: any transformers causal LM (LLaMA, Qwen2, SmolLM2 ...), via ``AutoModelForCausalLM``;
+* ``llada``: LLaDA checkpoints (their own key names, ``model.transformer.blocks.N...``);
+* ``dream``: Dream checkpoints (Qwen2 key names, ``model_type: Dream``).
+
+``source: tiny`` builds the family's architecture at a small size with random weights and the
+tokenizer shipped in ``freeact/assets/tokenizer``; ``source: pretrained`` loads ``path`` (a hub
+id or a local directory) and ``gguf_file`` if given.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+from .dllm import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+
+# LLaDA's checkpoint names (OLMo-style) -> transformers LLaMA names, and back.
+LLADA_TO_HF = {
+    r"^model\.transformer\.wte\.": "model.embed_tokens.",
+    r"^model\.transformer\.ln_f\.": "model.norm.",
+    r"^model\.transformer\.ff_out\.": "lm_head.",
+    r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.": r"model.layers.\1.input_layernorm.",
+    r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.": r"model.layers.\1.post_attention_layernorm.",
+    r"^model\.transformer\.blocks\.(\d+)\.(q_proj|k_proj|v_proj)\.": r"model.layers.\1.self_attn.\2.",
+    r"^model\.transformer\.blocks\.(\d+)\.attn_out\.": r"model.layers.\1.self_attn.o_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.": r"model.layers.\1.mlp.gate_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.up_proj\.": r"model.layers.\1.mlp.up_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.ff_out\.": r"model.layers.\1.mlp.down_proj.",
+}
+HF_TO_LLADA = {
+    r"^model\.embed_tokens\.": "model.transformer.wte.",
+    r"^model\.norm\.": "model.transformer.ln_f.",
+    r"^lm_head\.": "model.transformer.ff_out.",
+    r"^model\.layers\.(\d+)\.input_layernorm\.": r"model.transformer.blocks.\1.attn_norm.",
+    r"^model\.layers\.(\d+)\.post_attention_layernorm\.": r"model.transformer.blocks.\1.ff_norm.",
+    r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.": r"model.transformer.blocks.\1.\2.",
+    r"^model\.layers\.(\d+)\.self_attn\.o_proj\.": r"model.transformer.blocks.\1.attn_out.",
+    r"^model\.layers\.(\d+)\.mlp\.gate_proj\.": r"model.transformer.blocks.\1.ff_proj.",
+    r"^model\.layers\.(\d+)\.mlp\.up_proj\.": r"model.transformer.blocks.\1.up_proj.",
+    r"^model\.layers\.(\d+)\.mlp\.down_proj\.": r"model.transformer.blocks.\1.ff_out.",
+}
+# LLaDA config.json field -> LlamaConfig field
+LLADA_CONFIG_FIELDS = {
+    "d_model": "hidden_size", "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+    "n_layers": "num_hidden_layers", "mlp_hidden_size": "intermediate_size", "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps", "max_sequence_length": "max_position_embeddings",
+    "mask_token_id": "mask_token_id", "weight_tying": "tie_word_embeddings",
+}
+
+FAMILIES = ("causal", "llada", "dream")
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def _rename(sd: dict, mapping: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for pat, rep in mapping.items():
+            if re.match(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v
+    return out
+
+
+def _read_config_json(path: str) -> dict:
+    from transformers.utils import cached_file
+
+    with open(cached_file(path, "config.json")) as f:
+        return json.load(f)
+
+
+def llada_config_from_json(raw: dict) -> LLaDAConfig:
+    kw = {hf: raw[k] for k, hf in LLADA_CONFIG_FIELDS.items() if k in raw}
+    kw["vocab_size"] = raw.get("embedding_size") or raw["vocab_size"]
+    kw.setdefault("num_key_value_heads", kw.get("num_attention_heads"))
+    kw["attention_bias"] = bool(raw.get("include_bias", False))
+    return LLaDAConfig(**kw)
+
+
+def load_tokenizer(path: str | os.PathLike | None, gguf_file: str | None = None):
+    path = str(path or TOKENIZER_DIR)
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tiny(family: str, arch: dict, tokenizer, seed: int = 0):
+    """A randomly initialised model of ``family`` with the small ``arch`` dims."""
+    kw = dict(arch)
+    kw.setdefault("vocab_size", len(tokenizer))
+    kw.setdefault("bos_token_id", tokenizer.bos_token_id)
+    kw.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kw.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if family in ("llada", "dream"):
+        if tokenizer.mask_token_id is None:
+            raise ValueError("a diffusion LM needs a tokenizer with a mask token")
+        kw.setdefault("mask_token_id", tokenizer.mask_token_id)
+    cfg = {"causal": LlamaConfig, "llada": LLaDAConfig, "dream": DreamConfig}[family](**kw)
+    torch.manual_seed(seed)
+    cls = {"llada": LLaDAModelLM, "dream": DreamModelLM}.get(family)
+    return cls(cfg) if cls else AutoModelForCausalLM.from_config(cfg)
+
+
+def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None = None):
+    if family == "llada":
+        cfg = llada_config_from_json(_read_config_json(path))
+        return LLaDAModelLM.from_pretrained(path, config=cfg, key_mapping=LLADA_TO_HF, dtype=dtype)
+    if family == "dream":
+        raw = _read_config_json(path)
+        raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
+        return DreamModelLM.from_pretrained(path, config=DreamConfig(**raw), dtype=dtype)
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF: weights are dequantized already
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+    return model
+
+
+def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike) -> None:
+    """Write ``model`` as a LLaDA checkpoint (LLaDA's key names and config fields)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    raw = {hf_field: k for k, hf_field in LLADA_CONFIG_FIELDS.items()}
+    cfg = {llada: getattr(c, hf) for hf, llada in raw.items() if hasattr(c, hf)}
+    cfg.update(model_type="llada", architectures=["LLaDAModelLM"], vocab_size=c.vocab_size,
+               embedding_size=c.vocab_size, include_bias=False)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if c.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(_rename(sd, HF_TO_LLADA), str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_dream_checkpoint(model: DreamModelLM, path: str | os.PathLike) -> None:
+    """Write ``model`` as a Dream checkpoint (Qwen2 key names, ``model_type: Dream``)."""
+    path = Path(path)
+    model.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="Dream", architectures=["DreamModel"])
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))

@@ -1,0 +1,144 @@
+"""Uniform integer quantizers: the one place where numbers are rounded.
+
+Every quantizer in freeact works over the LAST dimension of a tensor:
+
+* weights ``W`` are ``(d_out, d_in)``: ``granularity="row"`` is per output channel;
+* activations ``X`` are ``(..., tokens, d)``: ``granularity="row"`` is per token (dynamic);
+* ``granularity="group"`` splits the last dim into groups of ``group_size``;
+* ``granularity="tensor"`` uses one scale for the whole tensor.
+
+Symmetric: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)`` with ``s = c * max|x| / (2^(b-1) - 1)``.
+Asymmetric: ``q = clamp(round(x / s) + z, 0, 2^b - 1)`` with ``s = c * (max(x,0) - min(x,0)) / (2^b - 1)``,
+``z = round(-c * min(x,0) / s)``. ``c`` is the clip ratio, a float or a tensor broadcastable to the
+per-row/per-group statistics (FlatQuant's learnable clipping passes ``sigmoid(param)`` here).
+
+Rounding uses a straight-through estimator so gradients reach the input and the clip ratio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+
+GRANULARITIES = ("tensor", "row", "group")
+_ALIASES = {"channel": "row", "token": "row", "per_channel": "row", "per_token": "row"}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a quantizer does. ``bits >= 16`` means "leave in floating point"."""
+
+    bits: int = 16
+    symmetric: bool = True
+    granularity: str = "row"
+    group_size: int = 128
+    clip_ratio: float = 1.0
+
+    def __post_init__(self):
+        g = _ALIASES.get(self.granularity, self.granularity)
+        object.__setattr__(self, "granularity", g)
+        if g not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES} (or channel/token), got {self.granularity!r}")
+        if not 2 <= self.bits <= 32:
+            raise ValueError(f"bits must be in 2..16 (16+ = off), got {self.bits}")
+        if g == "group" and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive for group granularity, got {self.group_size}")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    def with_(self, **kw) -> "QuantSpec":
+        return replace(self, **kw)
+
+
+class QTensor(NamedTuple):
+    """Integer codes with their scale and zero point; ``dequantize()`` gives the float tensor."""
+
+    q: torch.Tensor  # integer codes, same shape as the (grouped) input
+    scale: torch.Tensor
+    zero: torch.Tensor
+    shape: torch.Size  # original shape
+
+    def dequantize(self) -> torch.Tensor:
+        return ((self.q.to(self.scale.dtype) - self.zero) * self.scale).reshape(self.shape)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.granularity == "group":
+        d = x.shape[-1]
+        if d % spec.group_size:
+            raise ValueError(f"group_size {spec.group_size} does not divide the width {d}")
+        return x.reshape(*x.shape[:-1], d // spec.group_size, spec.group_size)
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    return x
+
+
+def _scale_zero(xg: torch.Tensor, spec: QuantSpec, clip) -> tuple[torch.Tensor, torch.Tensor]:
+    clip = spec.clip_ratio if clip is None else clip
+    if spec.symmetric:
+        qmax = 2 ** (spec.bits - 1) - 1
+        xmax = xg.abs().amax(dim=-1, keepdim=True) * clip
+        scale = (xmax / qmax).clamp(min=1e-8)
+        return scale, torch.zeros_like(scale)
+    qmax = 2**spec.bits - 1
+    xmax = xg.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+    xmin = xg.amin(dim=-1, keepdim=True).clamp(max=0) * clip
+    scale = ((xmax - xmin) / qmax).clamp(min=1e-8)
+    zero = round_ste(-xmin / scale)
+    return scale, zero
+
+
+def _qrange(spec: QuantSpec) -> tuple[int, int]:
+    if spec.symmetric:
+        return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+    return 0, 2**spec.bits - 1
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, clip=None) -> QTensor:
+    """Integer codes of ``x`` (no gradient tricks; use :func:`fake_quant` for training)."""
+    xg = _grouped(x, spec)
+    scale, zero = _scale_zero(xg, spec, clip)
+    lo, hi = _qrange(spec)
+    q = torch.clamp(torch.round(xg / scale) + zero, lo, hi)
+    return QTensor(q.to(torch.int8 if spec.bits <= 8 else torch.int32), scale, zero, x.shape)
+
+
+def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (straight-through rounding); identity when ``spec`` is off."""
+    if not spec.enabled:
+        return x
+    xg = _grouped(x, spec)
+    scale, zero = _scale_zero(xg, spec, clip)
+    lo, hi = _qrange(spec)
+    q = torch.clamp(round_ste(xg / scale) + zero, lo, hi)
+    return ((q - zero) * scale).reshape(x.shape)
+
+
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+) -> torch.Tensor:
+    """Per-row (per-group) clip ratio minimising ``sum |w - Q(w)|^norm`` (the GPTQ/QuaRot MSE search).
+
+    Returns a tensor shaped like the per-row (per-group) statistics, to pass as ``clip=``.
+    """
+    wg = _grouped(w.float(), spec)
+    best_err = torch.full(wg.shape[:-1] + (1,), float("inf"), device=w.device)
+    best = torch.ones_like(best_err)
+    for i in range(int(max_shrink * grid)):
+        c = 1.0 - i / grid
+        err = (fake_quant(wg, spec.with_(granularity="row"), clip=c) - wg).abs().pow(norm).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, c), best)
+    return best

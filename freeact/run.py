@@ -1,0 +1,45 @@
+"""Hydra entry point: ``python -m freeact.run model=... method=... quant=w4a4 [--multirun ...]``."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from . import config as _config  # noqa: F401  (registers the schemas)
+from .config import ConfigError, config_hash, validate
+from .methods import method_names
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        specs = validate(cfg, method_names())
+    except ConfigError as e:
+        print(f"freeact: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    from .experiment import run_experiment
+    from .tracking.results import append_row, find_row
+
+    results = to_absolute_path(cfg.results_file)
+    run_hash = config_hash(cfg)
+    if not cfg.force and find_row(results, run_hash) is not None:
+        print(f"freeact: skipping {run_hash}: already in {results} (force=true reruns it)")
+        return None
+    row, _ = run_experiment(cfg, specs, run_hash)
+    row["run_dir"] = HydraConfig.get().runtime.output_dir
+    if cfg.logger.wandb:
+        from .tracking.wandb_logger import log_to_wandb
+
+        row["wandb_dir"] = log_to_wandb(row, OmegaConf.to_container(cfg, resolve=True), cfg.logger, row["run_dir"])
+    append_row(results, row)
+    shown = {k: v for k, v in row.items() if k.startswith(cfg.eval.name + ".") or k.endswith("seconds")}
+    print(f"freeact: {cfg.model.name} {cfg.method.name} {cfg.quant.name} -> {shown}")
+    return None
+
+
+if __name__ == "__main__":
+    main()
