@@ -3,10 +3,9 @@ any compute starts. Every failure is a :class:`ConfigError` whose message names 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -38,13 +37,14 @@ class QuantConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    family: str = "causal"  # causal | llada | dream
+    family: str = "causal"  # causal | llada | dream | vlm
     source: str = "tiny"  # tiny | pretrained
     path: Optional[str] = None  # hub id or local directory (source=pretrained)
     gguf_file: Optional[str] = None
     tokenizer: Optional[str] = None  # default: the checkpoint's, or the shipped one for tiny models
     dtype: str = "auto"
     arch: Any = field(default_factory=dict)  # architecture dims for source=tiny
+    quantize_vision: bool = False  # vlm: also RTN-quantize the vision tower and projector
 
 
 @dataclass
@@ -56,6 +56,7 @@ class CalibConfig:
     batch_size: int = 8
     mask_t_min: float = 0.0  # dLLMs: masking ratio t ~ U(t_min, t_max) per sequence
     mask_t_max: float = 1.0
+    kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
 
 
 @dataclass
@@ -67,6 +68,19 @@ class EvalConfig:
     batch_size: int = 8
     mc_num: int = 16  # dLLM Monte-Carlo draws per sequence
     seed: int = 1234
+    kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
+    nsamples: Optional[int] = None  # multimodal: records used (synthetic: how many are generated)
+    max_new_tokens: int = 8  # multimodal: greedy answer length
+    # lm-eval tasks (freeact/eval/harness.py); empty = text metric only
+    text: bool = True  # also run the text perplexity / ELBO above
+    tasks: List[str] = field(default_factory=list)
+    limit: Optional[int] = None  # documents per task (None = all)
+    num_fewshot: Optional[int] = None  # None = each task's default
+    gen_length: int = 256  # tokens generated (dLLM answer length; AR max_gen_toks)
+    steps: int = 256  # dLLM denoising steps
+    block_length: Optional[int] = 32  # dLLM semi-autoregressive block (None = gen_length)
+    remasking: str = "auto"  # auto | low_confidence | entropy | random
+    include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
 
 
 @dataclass
@@ -85,7 +99,8 @@ cs.store(group="calib", name="calib_schema", node=CalibConfig)
 cs.store(group="eval", name="eval_schema", node=EvalConfig)
 cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
-FAMILIES = ("causal", "llada", "dream")
+FAMILIES = ("causal", "llada", "dream", "vlm")
+DATA_KINDS = ("text", "multimodal")
 SOURCES = ("tiny", "pretrained")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 WEIGHT_ALGOS = ("rtn", "gptq", "none")
@@ -99,7 +114,9 @@ def _check(cond: bool, msg: str) -> None:
 def spec(cfg, key: str) -> QuantSpec:
     s = cfg.quant[key]
     _check(2 <= s.bits <= 16, f"quant.{key}.bits={s.bits} must be in 2..16 (16 = not quantized)")
-    g = QuantSpec(bits=2, granularity=s.granularity).granularity if s.granularity else None
+    from .quant.quantizer import _ALIASES
+
+    g = _ALIASES.get(s.granularity, s.granularity)
     _check(g in GRANULARITIES, f"quant.{key}.granularity={s.granularity!r} must be one of {GRANULARITIES}")
     _check(0 < s.clip_ratio <= 1, f"quant.{key}.clip_ratio={s.clip_ratio} must be in (0, 1]")
     _check(g != "group" or s.group_size > 0, f"quant.{key}.group_size={s.group_size} must be > 0")
@@ -120,10 +137,26 @@ def model_widths(m) -> dict:
 
         with open(cached_file(m.path, "config.json")) as f:
             raw = json.load(f)
+    raw = raw.get("text_config") or raw  # a VLM: the language model's widths
     h = raw.get("hidden_size") or raw.get("d_model")
     heads = raw.get("num_attention_heads") or raw.get("n_heads")
     return {"hidden": h, "intermediate": raw.get("intermediate_size") or raw.get("mlp_hidden_size"),
             "head_dim": raw.get("head_dim") or (h // heads if h and heads else None)}
+
+
+def _check_multimodal_source(cfg: DictConfig, key: str) -> None:
+    from .data.multimodal import SYNTHETIC, jsonl_file
+
+    _check(cfg.model.family == "vlm", f"{key}.kind=multimodal needs a vision-language model (model.family=vlm), "
+                                      f"got model.family={cfg.model.family!r}")
+    source = cfg[key].source
+    if source == SYNTHETIC:
+        _check(bool(cfg[key].get("nsamples")), f"{key}.nsamples must be > 0 for source=synthetic")
+        return
+    try:
+        jsonl_file(source)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}.source: {e}") from None
 
 
 def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
@@ -148,9 +181,21 @@ def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
     _check(cfg.calib.seqlen > 1, f"calib.seqlen={cfg.calib.seqlen} must be > 1")
     _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
     _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
+    if cfg.eval.get("tasks"):
+        from .eval.harness import check_task_settings
+
+        try:
+            check_task_settings(cfg.eval)
+        except ValueError as e:
+            raise ConfigError(f"eval: {e}") from None
     _check(0 <= cfg.calib.mask_t_min <= cfg.calib.mask_t_max <= 1,
            f"calib.mask_t_min/max=({cfg.calib.mask_t_min}, {cfg.calib.mask_t_max}) must satisfy 0 <= min <= max <= 1")
     for key in ("calib", "eval"):
+        kind = cfg[key].get("kind", "text")
+        _check(kind in DATA_KINDS, f"{key}.kind={kind!r} must be one of {DATA_KINDS}")
+        if kind == "multimodal":
+            _check_multimodal_source(cfg, key)
+            continue
         try:
             text_path(cfg[key].source)
         except FileNotFoundError as e:
@@ -175,10 +220,7 @@ def config_hash(cfg: DictConfig) -> str:
     import hashlib
 
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("logger", "force", "progress", "results_file", "save_dir", "tag"):
+    for k in ("logger", "force", "progress", "results_file", "save_model", "tag"):
         c.pop(k, None)
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

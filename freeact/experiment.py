@@ -12,10 +12,11 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from .data.calib import build_calib_set
-from .eval import evaluate_text
+from .eval import evaluate
 from .methods import QuantContext, QuantSettings, get_method
 from .models import get_adapter
-from .models.loading import build_tiny, load_pretrained, load_tokenizer, resolve_dtype
+from .models.loading import (build_tiny, default_tokenizer_dir, load_pretrained, load_tokenizer, resolve_dtype,
+                             resolve_path)
 from .tracking.results import flatten
 
 
@@ -28,12 +29,24 @@ def pick_device(name: str) -> str:
 def load_model(mcfg, device: str, seed: int = 0):
     dtype = resolve_dtype(mcfg.dtype, device)
     if mcfg.source == "tiny":
-        tok = load_tokenizer(mcfg.tokenizer)
+        tok = load_tokenizer(mcfg.tokenizer or default_tokenizer_dir(mcfg.family))
         model = build_tiny(mcfg.family, OmegaConf.to_container(mcfg.arch), tok, seed=seed).to(dtype)
     else:
         tok = load_tokenizer(mcfg.tokenizer or mcfg.path, gguf_file=None if mcfg.tokenizer else mcfg.gguf_file)
         model = load_pretrained(mcfg.family, mcfg.path, dtype, gguf_file=mcfg.gguf_file)
     return model.to(device).eval(), tok
+
+
+def load_model_processor(mcfg):
+    """A VLM's processor (tokenizer + image processor): the checkpoint's, or the shipped tiny one."""
+    from .data.multimodal import load_processor
+
+    path = mcfg.tokenizer or (default_tokenizer_dir(mcfg.family) if mcfg.source == "tiny" else mcfg.path)
+    return load_processor(resolve_path(path))
+
+
+def is_multimodal(data_cfg) -> bool:
+    return data_cfg.get("kind", "text") == "multimodal"
 
 
 def git_commit() -> str:
@@ -62,21 +75,36 @@ def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, o
     model, tok = load_model(cfg.model, device, seed=cfg.seed)
     adapter = get_adapter(model)
     method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method))
+    processor = load_model_processor(cfg.model) if is_multimodal(cfg.calib) or is_multimodal(cfg.eval) else None
 
     calib = None
     t_calib = time.time()
     if method.quantizes:
-        calib = build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
-                                mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
-                                t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max)
+        if is_multimodal(cfg.calib):
+            from .data.multimodal import build_mm_calib_set
+
+            calib = build_mm_calib_set(processor, cfg.calib.source, cfg.calib.nsamples, cfg.seed)
+        else:
+            calib = build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
+                                    mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
+                                    t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max)
         ctx = QuantContext(model, adapter, QuantSettings(**specs), calib, device=device,
                            batch_size=cfg.calib.batch_size, seed=cfg.seed, progress=cfg.progress)
         info = method.apply(ctx)
+        if cfg.model.get("quantize_vision"):
+            from .methods.vision import quantize_vision_rtn
+
+            info.update(quantize_vision_rtn(adapter, ctx.quant))
     else:
         info = {}
     t_quant = time.time() - t_calib
 
-    metrics = evaluate_text(model, adapter, tok, cfg.eval, device=device, progress=cfg.progress)
+    if is_multimodal(cfg.eval):
+        from .eval.multimodal import evaluate_multimodal
+
+        metrics = evaluate_multimodal(model, processor, cfg.eval, device=device, progress=cfg.progress)
+    else:
+        metrics = evaluate(model, adapter, tok, cfg.eval, device=device, progress=cfg.progress)
     row = {
         "run_hash": run_hash,
         "status": "ok",

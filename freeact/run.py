@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .config import ConfigError, config_hash, validate
-from .methods import method_names
+from .methods import get_method, method_names
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -24,13 +24,21 @@ def main(cfg: DictConfig) -> float | None:
     from .experiment import run_experiment
     from .tracking.results import append_row, find_row
 
+    if not get_method(cfg.method.name, {}).quantizes:  # record what really ran: nothing quantized
+        cfg.quant.name = "fp16"
+        for key in ("weight", "act", "kv"):
+            cfg.quant[key].bits = 16
     results = to_absolute_path(cfg.results_file)
     run_hash = config_hash(cfg)
     if not cfg.force and find_row(results, run_hash) is not None:
         print(f"freeact: skipping {run_hash}: already in {results} (force=true reruns it)")
         return None
-    row, _ = run_experiment(cfg, specs, run_hash)
+    row, model = run_experiment(cfg, specs, run_hash)
     row["run_dir"] = HydraConfig.get().runtime.output_dir
+    if cfg.save_model:
+        from .artifacts import save_quantized
+
+        row["artifact"] = str(save_quantized(model, cfg, row["run_dir"]))
     if cfg.logger.wandb:
         from .tracking.wandb_logger import log_to_wandb
 

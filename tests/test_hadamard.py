@@ -171,15 +171,18 @@ def test_fast_transform_huge_size_without_dense_matrix():
     assert torch.allclose(fast_hadamard_transform(x).norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [768, 28 * 8, 172])
-def test_fast_transform_low_precision(dtype, tol, n):
-    x = torch.randn(5, n, dtype=F64, generator=torch.Generator().manual_seed(3))
-    ref = x @ block_hadamard_matrix(n).T
-    y = fast_hadamard_transform(x.to(dtype))
+def test_fast_transform_low_precision(dtype, n):
+    x = torch.randn(5, n, dtype=F64, generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref = x.to(F64) @ block_hadamard_matrix(n).T  # exact transform of the rounded input
+    y = fast_hadamard_transform(x)
     assert y.dtype == dtype and y.shape == x.shape
-    ref_q = x.to(dtype).to(F64) @ block_hadamard_matrix(n).T
-    assert ((y.to(F64) - ref_q).abs().max() / ref.abs().max()) < tol
+    err, scale = (y.to(F64) - ref).abs(), ref.abs().max()
+    if dtype == torch.float32:
+        assert err.max() / scale < 1e-6
+    else:  # accumulated in float32 and rounded once: within one bf16 rounding (u = 2^-8)
+        assert (err <= ref.abs() * 2.0**-8 + 1e-5 * scale).all()
 
 
 def test_backend_selection():

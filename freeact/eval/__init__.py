@@ -1,4 +1,5 @@
-"""Evaluations. ``evaluate_text`` picks perplexity (AR) or the Monte-Carlo ELBO (dLLM)."""
+"""Evaluations. ``evaluate_text`` picks perplexity (AR) or the Monte-Carlo ELBO (dLLM);
+``evaluate`` runs it and the lm-eval tasks of the ``eval`` config."""
 from __future__ import annotations
 
 from ..data.text import read_text, token_stream
@@ -17,4 +18,17 @@ def evaluate_text(model, adapter, tokenizer, ecfg, device="cpu", progress=True) 
     return {f"{ecfg.name}.{k}": v for k, v in res.items()}
 
 
-__all__ = ["evaluate_text", "elbo", "perplexity"]
+def evaluate(model, adapter, tokenizer, ecfg, device="cpu", progress=True) -> dict:
+    """All evaluations an ``eval`` config asks for: the text metric (unless ``text: false``) and,
+    when ``tasks`` is non-empty, the lm-eval tasks (:mod:`freeact.eval.harness`)."""
+    metrics = {}
+    if getattr(ecfg, "text", True):
+        metrics.update(evaluate_text(model, adapter, tokenizer, ecfg, device=device, progress=progress))
+    if getattr(ecfg, "tasks", None):
+        from .harness import run_harness_config  # imports lm-eval only when tasks are asked for
+
+        metrics.update(run_harness_config(model, adapter, tokenizer, ecfg, progress=progress))
+    return metrics
+
+
+__all__ = ["evaluate", "evaluate_text", "elbo", "perplexity"]

@@ -5,11 +5,17 @@ number of masked target tokens ``k``, masks ``k`` random target positions, and s
 ``sum_{masked} -log p(x_i | x_masked) / (k / L_target)``. Draws of one sequence are stratified
 over ``k`` (evenly spaced from a random start, as LLaDA's ``forward_process``), so the estimate
 has lower variance than i.i.d. draws; averaging ``mc_num`` draws gives an unbiased bound on the
-negative log-likelihood. All randomness comes from one seeded generator.
+negative log-likelihood. All randomness comes from seeded generators.
+
+Draws are rows of one forward pass: :func:`masked_token_nll` packs the rows of many draws (of
+one sequence or of many sequences of different lengths, right-padded under an attention mask)
+into batches of ``batch_size`` rows, so a tiny model on CPU or a large one on GPU runs few,
+full forwards instead of one forward per draw.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,10 @@ from ..data.text import chunks
 def stratified_masks(target: torch.Tensor, draws: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``target``: (L,) bool of scorable positions. Returns (draws, L) bool masks and p_mask (draws,)."""
     L = int(target.sum())
+    if L == 0:
+        raise ValueError("stratified_masks: the target has no position to score")
+    if draws < 1:
+        raise ValueError(f"stratified_masks: draws={draws} must be >= 1")
     k0 = torch.randint(1, L + 1, (1,), generator=generator).item()
     k = (torch.round(torch.linspace(k0, k0 + (draws - 1) * L / draws, draws)).long() - 1) % L + 1
     scores = torch.rand(draws, target.numel(), generator=generator)
@@ -30,22 +40,98 @@ def stratified_masks(target: torch.Tensor, draws: int, generator: torch.Generato
     return masks, k.float() / L
 
 
+def _pad_id(adapter) -> int:
+    pad = getattr(adapter.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+@torch.no_grad()
+def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 32,
+                     device: str = "cpu", progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Score masked positions: for every row ``(ids (L,), mask (L,) bool)`` the positions in
+    ``mask`` are replaced by the mask token and the model predicts them from the rest.
+
+    Rows are packed ``batch_size`` at a time (longest first; shorter rows right-padded and
+    excluded by the attention mask, which leaves their logits unchanged). Returns, per row in
+    the input order, the cross-entropy (nats, float32, CPU) at each masked position and whether
+    the argmax prediction there equals the true token.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    mask_id = adapter.mask_token_id
+    if mask_id is None:
+        raise ValueError("masked_token_nll needs a model with a mask token (a masked-diffusion LM)")
+    order = sorted(range(len(rows)), key=lambda i: -rows[i][0].numel())  # stable: equal lengths keep order
+    out: list = [None] * len(rows)
+    pad = _pad_id(adapter)
+    starts = range(0, len(order), batch_size)
+    for s in tqdm(starts, desc="mc-likelihood", disable=not progress, leave=False):
+        idx = order[s : s + batch_size]
+        lens = [rows[i][0].numel() for i in idx]
+        width = max(lens)
+        x = torch.full((len(idx), width), pad, dtype=torch.long)
+        m = torch.zeros(len(idx), width, dtype=torch.bool)
+        for r, i in enumerate(idx):
+            x[r, : lens[r]] = rows[i][0]
+            m[r, : lens[r]] = rows[i][1]
+        kw = {}
+        if min(lens) < width:
+            kw["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None]).long().to(device)
+        x, m = x.to(device), m.to(device)
+        xin = torch.where(m, torch.full_like(x, mask_id), x)
+        logits = adapter.logits(model(input_ids=xin, use_cache=False, **kw))[m].float()
+        ce = F.cross_entropy(logits, x[m], reduction="none").cpu()
+        hit = (logits.argmax(-1) == x[m]).cpu()
+        counts = m.sum(1).tolist()
+        for r, (c, h) in enumerate(zip(ce.split(counts), hit.split(counts))):
+            out[idx[r]] = (c, h)
+    return out
+
+
+@torch.no_grad()
+def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mc_num: int,
+                  generator: torch.Generator | Sequence[torch.Generator], batch_size: int = 32, device: str = "cpu",
+                  check_greedy: bool = False, progress: bool = False) -> tuple[list[float], list[bool] | None]:
+    """Monte-Carlo ELBO estimates of ``-log p(ids[target] | ids[~target])`` for many sequences.
+
+    ``generator`` is one generator consumed sequence by sequence, or one per sequence (then each
+    estimate is independent of which other sequences share the call). All ``mc_num`` draws of
+    all sequences are scored in shared batches of ``batch_size`` rows.
+
+    ``check_greedy`` adds one row per sequence with the WHOLE target masked and reports whether
+    the argmax prediction matches every target token in that single forward (lm-eval's
+    ``is_greedy``; LLaDA's reference instead unmasks one token per forward, len(target) forwards).
+    """
+    if len(seqs) != len(targets):
+        raise ValueError(f"{len(seqs)} sequences but {len(targets)} targets")
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(seqs)
+    if len(gens) != len(seqs):
+        raise ValueError(f"{len(seqs)} sequences but {len(gens)} generators")
+    rows, probs = [], []
+    for ids, target, g in zip(seqs, targets, gens):
+        if ids.shape != target.shape or ids.dim() != 1:
+            raise ValueError(f"ids {tuple(ids.shape)} and target {tuple(target.shape)} must be equal 1-D shapes")
+        masks, p = stratified_masks(target, mc_num, g)
+        rows += [(ids, mk) for mk in masks]
+        probs.append(p)
+    if check_greedy:
+        rows += [(ids, target) for ids, target in zip(seqs, targets)]
+    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress)
+    nlls = []
+    for j, p in enumerate(probs):
+        draws = scored[j * mc_num : (j + 1) * mc_num]
+        nlls.append(sum(ce.sum().item() / pj for (ce, _), pj in zip(draws, p.tolist())) / mc_num)
+    greedy = None
+    if check_greedy:
+        greedy = [bool(hit.all()) for _, hit in scored[len(seqs) * mc_num :]]
+    return nlls, greedy
+
+
 @torch.no_grad()
 def sequence_nll(model, adapter, ids: torch.Tensor, target: torch.Tensor, mc_num: int, generator: torch.Generator,
                  batch_size: int = 32, device: str = "cpu") -> float:
     """Monte-Carlo estimate of ``-log p(ids[target] | ids[~target])`` for one sequence."""
-    masks, p = stratified_masks(target, mc_num, generator)
-    mask_id = adapter.mask_token_id
-    total = 0.0
-    for i in range(0, mc_num, batch_size):
-        m = masks[i : i + batch_size].to(device)
-        x = ids.to(device).expand(len(m), -1)
-        xin = torch.where(m, torch.full_like(x, mask_id), x)
-        logits = adapter.logits(model(input_ids=xin, use_cache=False)).float()
-        ce = F.cross_entropy(logits[m], x[m], reduction="none")
-        rows = m.nonzero()[:, 0]
-        total += (ce / p[i : i + batch_size].to(device)[rows]).sum().item()
-    return total / mc_num
+    return sequences_nll(model, adapter, [ids], [target], mc_num, generator, batch_size, device)[0][0]
 
 
 @torch.no_grad()

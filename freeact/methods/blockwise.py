@@ -14,9 +14,17 @@ class _Stop(Exception):
     pass
 
 
+def model_inputs(batch, device) -> dict:
+    """Keyword arguments of the model for a calibration batch (ids tensor or dict of inputs)."""
+    from ..data.multimodal import to_device
+
+    return {"input_ids": batch.to(device)} if torch.is_tensor(batch) else to_device(batch, device)
+
+
 @torch.no_grad()
 def capture_layer0_inputs(model, adapter, batches, device="cpu"):
-    """Run the model up to its first decoder layer for each batch of input ids.
+    """Run the model up to its first decoder layer for each batch: a tensor of input ids, or a
+    dict of model inputs (a VLM's processor output: input_ids, pixel_values, ...).
 
     Returns ``(hidden, kwargs, types)``: per batch, the hidden states entering layer 0, the
     keyword arguments the layers are called with (RoPE cos/sin, attention mask ...), and the
@@ -34,9 +42,9 @@ def capture_layer0_inputs(model, adapter, batches, device="cpu"):
 
     h = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for ids in batches:
+        for batch in batches:
             try:
-                model(input_ids=ids.to(device), use_cache=False)
+                model(**model_inputs(batch, device), use_cache=False)
             except _Stop:
                 pass
     finally:

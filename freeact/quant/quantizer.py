@@ -110,7 +110,11 @@ def quantize(x: torch.Tensor, spec: QuantSpec, clip=None) -> QTensor:
     scale, zero = _scale_zero(xg, spec, clip)
     lo, hi = _qrange(spec)
     q = torch.clamp(torch.round(xg / scale) + zero, lo, hi)
-    return QTensor(q.to(torch.int8 if spec.bits <= 8 else torch.int32), scale, zero, x.shape)
+    if spec.bits <= 8:
+        dtype = torch.int8 if spec.symmetric else torch.uint8
+    else:
+        dtype = torch.int32
+    return QTensor(q.to(dtype), scale, zero, x.shape)
 
 
 def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:

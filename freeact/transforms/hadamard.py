@@ -1,37 +1,32 @@
 """Hadamard matrices and fast Hadamard transforms for rotation-based PTQ.
 
-Orientation conventions (all matrices are *normalized*: entries +-1/sqrt(n),
-``H @ H.T == I``):
+Conventions (matrices are *normalized*: entries +-1/sqrt(n), ``H @ H.T == I``):
 
-* ``fast_hadamard_transform(x) == x @ hadamard_matrix(n).T`` over the last dim
-  of ``x`` (each row vector ``v`` is mapped to ``H v``). Sylvester matrices are
-  symmetric, but for ``n = 2^k * m`` the Paley base of order ``m`` is not, so
-  the transpose matters.
+* ``fast_hadamard_transform(x) == x @ hadamard_matrix(n).T`` over the last dim of
+  ``x`` (each row vector ``v`` becomes ``H v``). Sylvester and Paley-II matrices
+  are symmetric but Paley-I bases (12, 20, 28, ...) are not: the transpose matters.
 * ``OnlineHadamard(n, seed)(x) == x @ module.matrix()``.
 
-Supported orders: ``n = 2^k * m`` with ``H_n = kron(Sylvester(2^k), B_m)`` and
+Supported orders are ``n = 2^k * m`` with ``H_n = kron(Sylvester(2^k), B_m)``, where
+``m`` is 1 (pure Sylvester) or a Paley order ``<= MAX_BASE_ORDER`` (the dense
+``m x m`` step stays cheap), the *smallest* such ``m`` being used for each ``n``:
 
-* ``m = 1``: pure Sylvester construction;
-* ``m = q + 1`` with ``q`` a prime power, ``q % 4 == 3``: Paley construction I
-  (e.g. 12, 20, 24, 28 = 27+1 over GF(3^3), 44, 60, 108, 140, 244 over GF(3^5));
-* ``m = 2(q + 1)`` with ``q`` a prime power, ``q % 4 == 1``: Paley construction II
-  (e.g. 36 (q=17), 52 (q=25 over GF(5^2)), 100 (q=49), 148 (q=73)).
+* Paley I, ``m = q + 1``, ``q = p^r = 3 (mod 4)``: 12, 20, 28 (GF(3^3)), 44, 60,
+  108, 140, 244 (GF(3^5)), ...;
+* Paley II, ``m = 2(q + 1)``, ``q = p^r = 1 (mod 4)``: 36 (q=17), 52 (GF(5^2)),
+  100 (GF(7^2)), 148 (q=73), ...
 
-Finite fields GF(p^r) are built with polynomial arithmetic modulo the first
-monic irreducible polynomial; nothing is tabulated. Bases are limited to
-``m <= MAX_BASE_ORDER`` so the dense ``m x m`` step keeps the transform cheap;
-for each ``n`` the *smallest* valid base is used (40 = 2 x 20, 3584 = 128 x 28,
-18944 = 128 x 148). Orders 156 and 172 (and e.g. 92, 116, 184) have no Paley
-construction; their known Hadamard matrices come from computer-searched
+so e.g. 40 = 2 x 20, 576 = 16 x 36, 3584 = 128 x 28, 18944 = 128 x 148. GF(p^r) is
+built by polynomial arithmetic modulo the first monic irreducible polynomial;
+nothing is tabulated. Orders 156 and 172 (also 92, 116, 184, ...) have no Paley
+construction: their known Hadamard matrices come from computer-searched
 Williamson-type tables, which this module deliberately does not embed.
 
-Any other ``n`` (odd part too large or unconstructible, e.g. 156, 172, 5000)
-makes ``hadamard_matrix`` raise ``ValueError``. ``block_hadamard_matrix(n)``
-works for every ``n >= 1``: it is block-diagonal with ``n / b`` copies of
-``hadamard_matrix(b)``, where ``b = supported_block_size(n)`` is the largest
-divisor of ``n`` that is a supported order (largest blocks mix the most
-coordinates; ``b = n`` when ``n`` is supported, ``b = 1`` for odd ``n`` without
-supported divisors, giving the identity).
+For unsupported ``n`` (e.g. 156, 172, 5000) ``hadamard_matrix`` raises
+``ValueError``. ``block_hadamard_matrix(n)`` works for every ``n >= 1``: ``n / b``
+diagonal copies of ``hadamard_matrix(b)``, ``b = supported_block_size(n)`` being
+the largest supported divisor of ``n`` (largest blocks mix the most coordinates):
+156 -> 3 x 52, 172 -> 43 x 4, 5000 -> 25 x 200, odd n without one -> identity.
 """
 from __future__ import annotations
 
@@ -54,7 +49,6 @@ __all__ = ["MAX_BASE_ORDER", "hadamard_matrix", "block_hadamard_matrix", "suppor
            "random_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard"]
 
 
-# ----------------------------------------------------------------------------- finite fields
 def _prime_power(q: int) -> tuple[int, int] | None:
     """Return ``(p, r)`` with ``q == p**r`` and ``p`` prime, else ``None``."""
     if q < 2:
@@ -89,23 +83,20 @@ def _irreducible(p: int, r: int) -> list[int]:
 
 def _jacobsthal(q: int) -> Tensor:
     """Jacobsthal matrix ``Q[a, b] = chi(a - b)`` of GF(q), chi = quadratic character."""
-    p, r = _prime_power(q)
+    p, r = _prime_power(q)  # element e <-> polynomial with base-p digits of e as coefficients
     f = _irreducible(p, r)
     digits = torch.tensor([[(e // p**i) % p for i in range(r)] for e in range(q)])
     weights = p ** torch.arange(r)
     squares = set()
-    for e in range(1, q):
-        d = digits[e].tolist()
+    for d in digits[1:].tolist():
         prod = [sum(d[i] * d[k - i] for i in range(max(0, k - r + 1), min(k, r - 1) + 1))
                 for k in range(2 * r - 1)]
-        squares.add(int((torch.tensor(_polymod(prod, f, p)) * weights).sum()))
-    chi = torch.tensor([0.0] + [1.0 if e in squares else -1.0 for e in range(1, q)],
-                       dtype=torch.float64)
+        squares.add(sum(c * p**i for i, c in enumerate(_polymod(prod, f, p))))
+    chi = torch.tensor([0.0] + [1.0 if e in squares else -1.0 for e in range(1, q)], dtype=torch.float64)
     diff = (digits[:, None, :] - digits[None, :, :]) % p
     return chi[(diff * weights).sum(-1)]
 
 
-# ----------------------------------------------------------------------------- constructions
 def _paley_kind(m: int) -> tuple[str, int] | None:
     if _prime_power(m - 1) and (m - 1) % 4 == 3:
         return "I", m - 1
@@ -119,7 +110,7 @@ def _decompose(n: int) -> tuple[int, int] | None:
     """``(2^k, m)`` with ``n == 2^k * m`` and the smallest constructible base ``m``."""
     if n < 1:
         return None
-    a = (n & -n).bit_length() - 1
+    a = (n & -n).bit_length() - 1  # n = 2^a * odd
     odd = n >> a
     if odd == 1:
         return n, 1
@@ -168,7 +159,6 @@ def _dense_hadamard(n: int) -> Tensor:
     return H / math.sqrt(n)
 
 
-# ----------------------------------------------------------------------------- public API
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
     """Normalized ``n x n`` Hadamard matrix ``kron(Sylvester(2^k), B_m) / sqrt(n)``.
 
@@ -212,19 +202,19 @@ def fast_hadamard_transform(x: Tensor, scale: bool = True, backend: str = "auto"
     ``n``), times ``sqrt(b)`` if ``scale=False`` (unnormalized +-1 transform). Per block of
     size ``b = 2^k * m``: a dense ``m x m`` matmul then log2(2^k) vectorised butterfly stages.
     Half-precision inputs are computed in float32; the output keeps the input dtype.
-    ``backend``: "torch", "cuda" (the ``fast_hadamard_transform`` package; CUDA tensor and
-    power-of-two ``n`` required) or "auto" (cuda when possible, else torch).
+    ``backend``: "torch", "cuda" (the ``fast_hadamard_transform`` package; non-float64 CUDA
+    tensor and power-of-two ``n`` required) or "auto" (cuda when possible, else torch).
     """
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"unknown backend {backend!r}")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
     n = x.shape[-1]
-    cuda_ok = (_cuda_hadamard is not None and x.is_cuda and n & (n - 1) == 0
-               and n <= _CUDA_MAX_DIM)
+    cuda_ok = (_cuda_hadamard is not None and x.is_cuda and x.dtype != torch.float64
+               and n & (n - 1) == 0 and n <= _CUDA_MAX_DIM)
     if backend == "cuda" and not cuda_ok:
-        raise RuntimeError("cuda backend needs the fast_hadamard_transform package, a CUDA "
-                           f"tensor and a power-of-two size <= {_CUDA_MAX_DIM} (got n={n})")
+        raise RuntimeError("cuda backend needs the fast_hadamard_transform package, a CUDA fp32/"
+                           f"fp16/bf16 tensor and a power-of-two size <= {_CUDA_MAX_DIM} (got n={n})")
     if backend != "torch" and cuda_ok:
         return _cuda_hadamard(x, 1.0 / math.sqrt(n) if scale else 1.0)
 

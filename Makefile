@@ -1,0 +1,31 @@
+# freeact: two commands.
+#   make demo   set up .venv, run the default experiment, print its table
+#   make test   set up .venv (with test extras), run the test suite
+# TORCH is the torch requirement installed first (pinned so that pip does not pick a newer build;
+# override with e.g. `make demo TORCH=torch` to keep whatever your platform prefers).
+PY     ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PIP     = $(VENV)/bin/pip
+PYTHON  = $(VENV)/bin/python
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PYTHON) -m freeact.run --multirun +experiment=demo progress=false
+	$(PYTHON) experiments/make_tables.py results/runs.csv --tag demo
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PYTHON) -m pytest -n 2 tests
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,305 @@
+"""Train ``testbed_dllm``: a small LLaDA-architecture masked-diffusion LM, from scratch, on the
+shipped English corpora, and export it as a LLaDA checkpoint (bf16, sharded) plus a JSON log.
+
+Objective (LLaDA's): per sequence ``t ~ U(eps, 1)``, every token masked with probability ``t``
+(mask id 1 of the shipped tokenizer), cross-entropy on the masked tokens divided by ``t``,
+summed and divided by the number of tokens. Attention is bidirectional
+(:class:`freeact.models.dllm.LLaDAModelLM`). Training text: ``english.train`` + ``wiki.train``
+(wiki sampled ``--wiki_repeat`` times as often per token); ``wiki.valid`` picks the best
+checkpoint; ``wiki.test`` is only scored at the end.
+
+Imports only torch, transformers, tokenizers, safetensors and hydra-free freeact modules, so it
+runs on a bare GPU image with ``PYTHONPATH=.``. One command (see README.md):
+
+    PYTHONPATH=. python3 experiments/testbeds/train_dllm.py --out OUT_DIR
+    PYTHONPATH=. python experiments/testbeds/train_dllm.py --out /tmp/tb --tiny   # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from freeact.data.text import read_text, token_stream
+from freeact.eval.elbo import elbo
+from freeact.models import get_adapter
+from freeact.models.loading import build_tiny, load_tokenizer, save_llada_checkpoint
+
+ARCH = dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=6,
+            num_key_value_heads=6, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=False)
+TINY_ARCH = dict(ARCH, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2)
+EPS = 1e-3  # LLaDA's floor on the masking ratio
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="writes OUT/testbed_dllm/ (checkpoint) and OUT/train_log.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--short_seqlen", type=int, default=128, help="every --short_every-th step uses this length")
+    p.add_argument("--short_every", type=int, default=4)
+    p.add_argument("--batch_tokens", type=int, default=131072, help="tokens per optimizer step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min_lr_ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="fixed step count (default: fit --time_budget)")
+    p.add_argument("--time_budget", type=float, default=330.0, help="seconds of training loop, compile included")
+    p.add_argument("--probe", type=int, nargs=2, default=(12, 40), help="steps timed to size the schedule")
+    p.add_argument("--eval_every", type=int, default=100)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--val_chunks", type=int, default=176)
+    p.add_argument("--wiki_repeat", type=int, default=2)
+    p.add_argument("--test_mc", type=int, default=32, help="Monte-Carlo draws per chunk for the final test ELBO")
+    p.add_argument("--test_max_chunks", type=int, default=None)
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--shard_mb", type=float, default=15.0)
+    p.add_argument("--tiny", action="store_true", help="tiny model and a few steps: a CPU smoke test")
+    p.add_argument("--max_chars", type=int, default=None, help="read at most this many chars per corpus")
+    return p.parse_args(argv)
+
+
+def training_stream(tok, wiki_repeat: int, max_chars: int | None) -> torch.Tensor:
+    """english.train, EOS, then wiki.train ``wiki_repeat`` times, EOS-separated: one token stream."""
+    eos = torch.tensor([tok.eos_token_id])
+    eng = token_stream(tok, read_text("english.train", max_chars))
+    wiki = token_stream(tok, read_text("wiki.train", max_chars))
+    return torch.cat([eng, eos] + [wiki, eos] * wiki_repeat)
+
+
+def lr_at(step: int, total: int | None, a) -> float:
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    if total is None:
+        return a.lr
+    frac = min(1.0, (step - a.warmup) / max(1, total - a.warmup))
+    return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def mask_batch(x: torch.Tensor, mask_id: int, gen: torch.Generator, t: torch.Tensor | None = None):
+    b, l = x.shape
+    if t is None:
+        t = torch.rand(b, device=x.device, generator=gen)
+    t = (1 - EPS) * t + EPS
+    m = torch.rand(b, l, device=x.device, generator=gen) < t[:, None]
+    return torch.where(m, torch.full_like(x, mask_id), x), m, t
+
+
+def mdm_loss(model, x: torch.Tensor, x_in: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-sequence LLaDA loss: sum over masked tokens of CE / t, divided by the length. (b,)"""
+    logits = model(input_ids=x_in, use_cache=False).logits
+    ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
+    return (ce * m / t[:, None]).sum(1) / x.shape[1]
+
+
+def check_bidirectional(model, vocab: int, device: str) -> None:
+    """Changing the last token must change the logits at the first position."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(2, vocab, (1, 16), generator=g).to(device)
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % vocab
+    with torch.no_grad():
+        d = (model(input_ids=x).logits[0, 0] - model(input_ids=y).logits[0, 0]).abs().max().item()
+    if not d > 0:
+        raise RuntimeError("the model is not bidirectional: position 0 ignores the last token")
+
+
+@torch.no_grad()
+def validation_loss(model, val_x, val_in, val_m, val_t, batch: int, amp) -> float:
+    """Mean per-token ELBO (nats/token) over fixed masked copies of the validation chunks."""
+    model.eval()
+    tot = 0.0
+    for i in range(0, len(val_x), batch):
+        with amp():
+            tot += mdm_loss(model, val_x[i:i + batch], val_in[i:i + batch], val_m[i:i + batch],
+                            val_t[i:i + batch]).sum().item()
+    model.train()
+    return tot / len(val_x)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    t_start = time.time()
+    if a.tiny:
+        a.seqlen, a.short_seqlen, a.batch_tokens, a.warmup = 64, 32, 512, 2
+        a.steps = a.steps or 8
+        a.eval_every, a.log_every, a.val_chunks, a.test_mc, a.test_max_chunks = 4, 2, 4, 2, 2
+        a.probe = (2, 4)
+        a.no_compile = True
+        a.max_chars = a.max_chars or 200_000
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(a.seed)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    tok = load_tokenizer(None)
+    mask_id = tok.mask_token_id
+    stream = training_stream(tok, a.wiki_repeat, a.max_chars).to(device)
+    val_ids = token_stream(tok, read_text("wiki.valid", a.max_chars))
+    test_ids = token_stream(tok, read_text("wiki.test", a.max_chars))
+    print(f"tokens: train stream {stream.numel():,} | valid {val_ids.numel():,} | test {test_ids.numel():,} "
+          f"({time.time() - t_start:.1f}s)", flush=True)
+
+    arch = TINY_ARCH if a.tiny else ARCH
+    model = build_tiny("llada", arch, tok, seed=a.seed).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    check_bidirectional(model, len(tok), device)
+    print(f"model: {n_params / 1e6:.2f}M params, arch {arch}", flush=True)
+
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=device == "cuda")
+
+    gen = torch.Generator(device=device).manual_seed(a.seed)
+    vgen = torch.Generator(device=device).manual_seed(a.seed + 1)
+    n_val = min(a.val_chunks, val_ids.numel() // a.seqlen)
+    val_x = val_ids[: n_val * a.seqlen].view(n_val, a.seqlen).to(device).repeat(2, 1)
+    val_t = ((torch.arange(2 * n_val, device=device) + torch.rand(2 * n_val, device=device, generator=vgen))
+             / (2 * n_val))[torch.randperm(2 * n_val, device=device, generator=vgen)]
+    val_in, val_m, val_t = mask_batch(val_x, mask_id, vgen, val_t)
+
+    loss_fn = mdm_loss
+    compiled = None
+    if not a.no_compile:
+        compiled = torch.compile(mdm_loss, dynamic=False)
+    model.train()
+    ar = torch.arange(a.seqlen, device=device)
+
+    def train_step(step: int, lr: float) -> float:
+        nonlocal compiled
+        short = a.short_every and step % a.short_every == a.short_every - 1
+        L = a.short_seqlen if short else a.seqlen
+        B = max(1, a.batch_tokens // L)
+        starts = torch.randint(0, stream.numel() - L, (B,), device=device, generator=gen)
+        x = stream[starts[:, None] + ar[:L]]
+        x_in, m, t = mask_batch(x, mask_id, gen)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with amp():
+            if compiled is not None:
+                try:
+                    loss = compiled(model, x, x_in, m, t).mean()
+                except Exception as e:  # noqa: BLE001  (any compiler failure: train eagerly instead)
+                    print(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly", flush=True)
+                    compiled = None
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model, x, x_in, m, t).mean()
+            else:
+                loss = loss_fn(model, x, x_in, m, t).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    total = a.steps
+    curve, val_curve = [], []
+    best = (float("inf"), -1, None)
+    step_time, probe_t0 = None, None
+    tokens_seen, train_seconds = 0, 0.0
+    t_loop = time.time()
+    running, running_n = torch.zeros((), device=device), 0
+    step = 0
+    while total is None or step < total:
+        if step % a.eval_every == 0:
+            v = validation_loss(model, val_x, val_in, val_m, val_t, 64, amp)
+            val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_loop, 1),
+                              "valid_nll": v})
+            if v < best[0]:
+                best = (v, step, copy.deepcopy(model.state_dict()))
+            print(f"step {step:5d} | valid {v:.4f} nats/token", flush=True)
+        if step == a.probe[0]:
+            sync()
+            probe_t0 = time.time()
+        if step == a.probe[1] and probe_t0 is not None:
+            sync()
+            step_time = (time.time() - probe_t0) / (a.probe[1] - a.probe[0])
+            if total is None:
+                total = step + int((a.time_budget - (time.time() - t_loop)) / step_time)
+                print(f"step time {step_time * 1e3:.1f} ms -> {total} steps in the {a.time_budget:.0f}s budget", flush=True)
+        lr = lr_at(step, total, a)
+        t0 = time.time()
+        running += train_step(step, lr)
+        running_n += 1
+        L = a.short_seqlen if (a.short_every and step % a.short_every == a.short_every - 1) else a.seqlen
+        tokens_seen += max(1, a.batch_tokens // L) * L
+        step += 1
+        if step % a.log_every == 0:
+            loss = (running / running_n).item()
+            running, running_n = torch.zeros((), device=device), 0
+            el = time.time() - t_loop
+            curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(el, 1), "train_loss": loss,
+                          "lr": lr})
+            if step % (a.log_every * 10) == 0 or a.tiny:
+                print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {tokens_seen / 1e6:.1f}M tok | {el:.0f}s",
+                      flush=True)
+        if total is not None and time.time() - t_loop > 1.15 * a.time_budget + 30 and not a.tiny:
+            print("over the time budget: stopping early", flush=True)
+            break
+    sync()
+    loop_seconds = time.time() - t_loop
+    v = validation_loss(model, val_x, val_in, val_m, val_t, 64, amp)
+    val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(loop_seconds, 1), "valid_nll": v})
+    print(f"step {step:5d} | valid {v:.4f} nats/token (final)", flush=True)
+    if v <= best[0]:
+        best = (v, step, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+
+    # ship bf16; score the shipped (bf16-rounded) weights in float32
+    model = model.to(torch.bfloat16).to(torch.float32).eval()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    out = Path(a.out)
+    ckpt = out / "testbed_dllm"
+    save_llada_checkpoint(model.to(torch.bfloat16), ckpt, max_shard_mb=a.shard_mb)
+    model.to(torch.float32)
+    files = {f.name: f.stat().st_size for f in sorted(ckpt.iterdir())}
+    test = {}
+    try:
+        adapter = get_adapter(model)
+        for sl in sorted({a.seqlen, a.short_seqlen}):
+            r = elbo(model, adapter, test_ids, sl, mc_num=a.test_mc, seed=1234, batch_size=64,
+                     max_chunks=a.test_max_chunks, device=device, progress=False)
+            test[f"seqlen{sl}"] = {**r, "mc_num": a.test_mc}
+            print(f"test ELBO seqlen {sl}: {r['nll']:.4f} nats/token over {r['eval_tokens']} tokens", flush=True)
+    except Exception as e:  # noqa: BLE001  (the checkpoint is saved; measure.py scores it again)
+        test["error"] = f"{type(e).__name__}: {e}"
+        print(f"test ELBO failed: {test['error']}", flush=True)
+    log = {
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
+        "arch": arch, "params": n_params, "seed": a.seed, "steps": step, "planned_steps": total,
+        "tokens_seen": tokens_seen, "train_stream_tokens": stream.numel(),
+        "epochs_over_stream": tokens_seen / stream.numel(),
+        "step_time_ms_probe": None if step_time is None else step_time * 1e3,
+        "tokens_per_s_probe": None if step_time is None else a.batch_tokens / step_time,
+        "tokens_per_s_loop": tokens_seen / loop_seconds,
+        "loop_seconds": loop_seconds, "wall_seconds": time.time() - t_start,
+        "compiled": compiled is not None, "best_valid_nll": best[0], "best_step": best[1],
+        "test_elbo": test, "loss_curve": curve, "valid_curve": val_curve, "checkpoint_files": files,
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(f"saved {ckpt} {files}; wall {log['wall_seconds']:.0f}s; tokens/s {log['tokens_per_s_loop']:,.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

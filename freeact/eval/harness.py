@@ -1,0 +1,219 @@
+"""The lm-eval bridge: evaluate an in-memory (possibly fake-quantized) model on lm-eval tasks.
+
+* AR models run through lm-eval's own ``HFLM(pretrained=model, tokenizer=tok)``;
+* masked-diffusion LMs through :class:`freeact.eval.diffusion_lm.DiffusionLM` (``freeact_dllm``):
+  Monte-Carlo ELBO likelihoods and diffusion sampling.
+
+Tasks: the offline tasks shipped in ``freeact/eval/tasks`` (``freeact_mc``, ``freeact_mmlu_dev``,
+``freeact_gsm8k``, ``freeact_humaneval``) always work; their YAMLs name their data relative to
+themselves, and because ``datasets`` resolves relative ``data_files`` against the working
+directory, every call writes copies with absolute paths into a temporary include directory.
+Any other name (``arc_challenge``, ``gsm8k``, ``mmlu`` ...) is a stock lm-eval task: it needs the
+dataset from the Hugging Face hub or its cache. This module sets ``HF_DATASETS_OFFLINE=1`` and
+``HF_HUB_OFFLINE=1`` for the call when they are unset (the default setting here is offline); with
+network, export ``HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0`` and pass the stock names unchanged.
+``datasets`` reads these variables when it is first imported, so they must be set before that.
+
+Results come back flat: ``{task}.{metric}`` (e.g. ``freeact_mc.acc``), ``{task}.{metric}.{filter}``
+for filtered generation metrics (``freeact_gsm8k.exact_match.flexible-extract``), the matching
+``..._stderr`` where lm-eval computes one, and ``{task}.n`` (documents evaluated).
+Code tasks run model-written code (see :mod:`freeact.eval.tasks.utils`); listing such a task
+is taken as consent (lm-eval's ``confirm_run_unsafe_code``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+# -- local task YAMLs ----------------------------------------------------------------------
+class _Function(str):
+    """A ``!function module.name`` value, kept as text when YAMLs are rewritten."""
+
+
+class _TaskLoader(yaml.SafeLoader):
+    pass
+
+
+class _TaskDumper(yaml.SafeDumper):
+    pass
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: _Function(loader.construct_scalar(node)))
+_TaskDumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+
+
+def _read_task_yaml(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=_TaskLoader)  # noqa: S506  (SafeLoader + one tag)
+
+
+def local_task_names(tasks_dir: Path = TASKS_DIR) -> list[str]:
+    """Names of the tasks defined by the YAMLs in ``tasks_dir``."""
+    return sorted(_read_task_yaml(p)["task"] for p in tasks_dir.glob("*.yaml"))
+
+
+def _absolute_data_files(data_files, base: Path):
+    if isinstance(data_files, str):
+        p = Path(data_files).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.exists():
+            raise FileNotFoundError(f"task data file {p} does not exist")
+        return str(p)
+    if isinstance(data_files, (list, tuple)):
+        return [_absolute_data_files(d, base) for d in data_files]
+    if isinstance(data_files, dict):
+        return {k: _absolute_data_files(v, base) for k, v in data_files.items()}
+    raise TypeError(f"data_files must be a path, a list or a dict of them, not {type(data_files).__name__}")
+
+
+def materialize_tasks(dst: Path, tasks_dir: Path = TASKS_DIR) -> Path:
+    """Copy the task YAMLs of ``tasks_dir`` into ``dst`` with absolute ``data_files`` paths.
+    ``!function`` references must name importable modules (``freeact.eval.tasks.utils.f``)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for src in sorted(tasks_dir.glob("*.yaml")):
+        cfg = _read_task_yaml(src)
+        kwargs = cfg.get("dataset_kwargs") or {}
+        if "data_files" in kwargs:
+            kwargs["data_files"] = _absolute_data_files(kwargs["data_files"], src.parent)
+        with open(dst / src.name, "w", encoding="utf-8") as f:
+            yaml.dump(cfg, f, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True)
+    return dst
+
+
+# -- running -------------------------------------------------------------------------------
+def _set_offline_defaults() -> None:
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
+def make_lm(model, adapter, tokenizer, *, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
+            steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
+            progress: bool = True):
+    """The lm-eval ``LM`` for ``model``: HFLM for AR models, ``freeact_dllm`` for dLLMs."""
+    if adapter.objective == "mdm":
+        from .diffusion_lm import DiffusionLM
+
+        return DiffusionLM(model, adapter, tokenizer, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length,
+                           steps=steps, block_length=block_length, remasking=remasking, seed=seed, progress=progress)
+    from lm_eval.models.huggingface import HFLM
+
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str" warning
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def flatten_results(results: dict) -> dict:
+    """lm-eval's ``results`` -> ``{task.metric[.filter][_stderr]: float, task.n: int}``."""
+    flat = {}
+    for task, metrics in results.get("results", {}).items():
+        for key, value in metrics.items():
+            if key == "alias" or "," not in key:
+                continue
+            metric, filt = key.split(",", 1)
+            name = f"{task}.{metric}" if filt == "none" else f"{task}.{metric}.{filt}"
+            if metric.endswith("_stderr"):
+                base = metric[: -len("_stderr")]
+                name = (f"{task}.{base}" if filt == "none" else f"{task}.{base}.{filt}") + "_stderr"
+            if (num := _number(value)) is not None:
+                flat[name] = num
+    for task, n in results.get("n-samples", {}).items():
+        flat[f"{task}.n"] = int(n.get("effective", n.get("original", 0)))
+    return flat
+
+
+def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int | float | None = None,
+                num_fewshot: int | None = None, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
+                steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
+                include_path: str | os.PathLike | None = None, bootstrap_iters: int = 1000,
+                progress: bool = True, return_raw: bool = False) -> dict:
+    """Evaluate ``model`` on lm-eval ``tasks``; returns flat metrics (see the module docstring).
+
+    ``gen_length`` is the generation budget of both kinds of model: the dLLM's fixed answer
+    length, and ``max_gen_toks`` for AR models (overriding the task's). ``include_path`` adds
+    a directory of further task YAMLs. All of Python's, NumPy's and torch's seeds (and the
+    few-shot sampler's) are set from ``seed``."""
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("run_harness: no tasks given")
+    _set_offline_defaults()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    local = set(local_task_names())
+    if include_path:
+        local |= set(local_task_names(Path(include_path)))
+    lm = make_lm(model, adapter, tokenizer, batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
+                 block_length=block_length, remasking=remasking, seed=seed, progress=progress)
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="freeact_tasks_") as tmp:
+            paths = [str(materialize_tasks(Path(tmp) / "freeact"))]
+            if include_path:
+                paths.append(str(materialize_tasks(Path(tmp) / "user", Path(include_path))))
+            manager = TaskManager(include_path=paths, include_defaults=not set(tasks) <= local)
+            unknown = [t for t in tasks if t not in manager.all_tasks]
+            if unknown:
+                raise ValueError(f"unknown lm-eval task(s) {unknown}; the offline tasks are {sorted(local)}")
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                gen_kwargs=None if adapter.objective == "mdm" else {"max_gen_toks": gen_length},
+                bootstrap_iters=bootstrap_iters, log_samples=False, confirm_run_unsafe_code=True,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    finally:
+        model.train(was_training)
+    return out if return_raw else flatten_results(out)
+
+
+def _opt(ecfg, key: str, default=None):
+    return getattr(ecfg, key, default)
+
+
+def check_task_settings(ecfg) -> None:
+    """Raise ValueError on task settings of an ``eval`` config that cannot run (checked before
+    any compute by :func:`freeact.config.validate`)."""
+    from .sampling import REMASKING, check_schedule
+
+    tasks = list(_opt(ecfg, "tasks") or [])
+    if not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks={tasks} must be a list of lm-eval task names")
+    limit, shots = _opt(ecfg, "limit"), _opt(ecfg, "num_fewshot")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or null for all documents)")
+    if shots is not None and shots < 0:
+        raise ValueError(f"num_fewshot={shots} must be >= 0 (or null for the task's default)")
+    if _opt(ecfg, "batch_size", 1) < 1:
+        raise ValueError(f"batch_size={ecfg.batch_size} must be >= 1")
+    if _opt(ecfg, "remasking", "auto") not in REMASKING:
+        raise ValueError(f"remasking={ecfg.remasking!r} must be one of {REMASKING}")
+    check_schedule(_opt(ecfg, "gen_length", 256), _opt(ecfg, "steps", 256), _opt(ecfg, "block_length", 32))
+    inc = _opt(ecfg, "include_path")
+    if inc and not Path(inc).expanduser().is_dir():
+        raise ValueError(f"include_path={inc} is not a directory")
+
+
+def run_harness_config(model, adapter, tokenizer, ecfg, progress: bool = True) -> dict:
+    """:func:`run_harness` with the keys of an ``eval`` config (``conf/eval/harness.yaml``)."""
+    check_task_settings(ecfg)
+    return run_harness(model, adapter, tokenizer, list(ecfg.tasks), limit=_opt(ecfg, "limit"),
+                       num_fewshot=_opt(ecfg, "num_fewshot"), batch_size=ecfg.batch_size, mc_num=ecfg.mc_num,
+                       gen_length=_opt(ecfg, "gen_length", 256), steps=_opt(ecfg, "steps", 256),
+                       block_length=_opt(ecfg, "block_length", 32), remasking=_opt(ecfg, "remasking", "auto"),
+                       seed=ecfg.seed, include_path=_opt(ecfg, "include_path"), progress=progress)

@@ -1,0 +1,237 @@
+"""FlatQuant (Sun et al., 2024): learnable affine transforms per linear input, trained block by block.
+
+Per decoder layer (see :mod:`freeact.transforms.affine` for the pieces):
+
+* ``qkv``: ``x -> (x / s) (P_l (x) P_r)`` online on the input of q/k/v, weight side fused into q/k/v;
+* ``mlp``: the same on the input of gate/up; ``down``: the same on the input of down_proj;
+* ``vo``: per-head ``P_v`` fused into v_proj (output) and o_proj (input), online ``P_h`` across
+  heads on o_proj's input;
+* ``k``: orthogonal per-head transform of post-RoPE Q and K (installed when the KV cache is
+  quantized, or ``kv_transform: true``), through the attention's :class:`~freeact.quant.kv.QKVHook`;
+* learnable per-channel scaling (SmoothQuant init, ``smooth_alpha`` 0.3), learnable weight clipping
+  (per output channel) and activation clipping (per linear input);
+
+trained with :func:`~freeact.methods.block_training.train_blockwise`. After training every weight
+side is merged in float64 (the deployed model is the merged one: the activation side stays online).
+
+**Learned weight clipping and weight quantization.** As in FlatQuant's own ``reparameterize``, the
+merge clamps each row to its learned range; the shared pipeline then quantizes the merged weights
+(``weight_algo``): RTN computes its scale from the clamped row, which is exactly the quantizer used
+during training; GPTQ sees the clamped rows, so its ranges are the learned ones too.
+
+This method overrides :meth:`apply`: the base pipeline would replace the trained activation
+quantizers (their learned clip) and the per-layer Q/K hooks; here they stay as trained, and only
+the weight quantization step of the pipeline runs afterwards.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant.act import InputQuantizer, attach_input_quantizer
+from ..quant.kv import IMPL, QKVHook
+from ..transforms.affine import (KINDS, STRUCTURES, AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
+                                 WeightClip, merge_linear, smooth_scale)
+from ..transforms.fusion import fuse_norm_into_linears
+from .base import Method, QuantContext, register_method
+from .block_training import NONFINITE_MODES, TrainConfig, train_blockwise
+
+SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",)}
+STAT_KEY = {"qkv": "q", "mlp": "up", "down": "down"}  # whose input the statistics were taken from
+
+
+def _inner(site):
+    """The :class:`AffineSite` under an optional wrapper (FreeAct's type mask)."""
+    return getattr(site, "inner", site)
+
+
+class LayerTransforms:
+    """The learnable transforms of one decoder layer, and how they attach to its linears."""
+
+    def __init__(self, block, sites: dict, vo: HeadwiseVO | None, k_transform, quant, lwc: bool, lac: bool,
+                 info: dict | None = None):
+        self.block, self.sites, self.vo, self.k_transform, self.quant = block, sites, vo, k_transform, quant
+        lins = block.linears()
+        self.lins = lins
+        self.clips = {n: WeightClip(l.out_features, dtype=l.weight.dtype).to(l.weight.device)
+                      for n, l in lins.items()} if (lwc and quant.weight.enabled) else {}
+        self.iqs = {name: InputQuantizer(quant.act, site, learnable_clip=lac and quant.act.enabled)
+                    for name, site in sites.items()}
+        self.iqs["o"] = InputQuantizer(quant.act, vo, learnable_clip=lac and quant.act.enabled)
+        self.info = info or {}
+
+    # -- calibrating mode ----------------------------------------------------------------------
+    def _input_side(self, name):
+        for site_name, names in SITES.items():
+            if name in names:
+                return _inner(self.sites[site_name]).transform_weight
+        return self.vo.transform_o_weight if self.vo is not None else None
+
+    def install(self) -> None:
+        from torch.nn.utils import parametrize
+
+        for site_name, names in SITES.items():
+            for n in names:
+                if n in self.lins:
+                    attach_input_quantizer(self.lins[n], self.iqs[site_name])
+        attach_input_quantizer(self.lins["o"], self.iqs["o"])
+        for n, lin in self.lins.items():
+            out = self.vo.transform_v_weight if (n == "v" and self.vo is not None) else None
+            parametrize.register_parametrization(
+                lin, "weight", CalibratingWeight(self._input_side(n), out, self.clips.get(n), self.quant.weight))
+            if n == "v" and self.vo is not None and lin.bias is not None:
+                parametrize.register_parametrization(lin, "bias", CalibratingWeight(output_side=self.vo.transform_v_bias))
+        if self.k_transform is not None or self.quant.kv.enabled:
+            attn = self.block.attn
+            attn.qkv_hook = QKVHook(self.quant.kv, self.k_transform)
+
+    def param_groups(self):
+        mods = [_inner(s) for s in self.sites.values()] + [self.vo, self.k_transform]
+        main = [p for m in mods if m is not None for p in m.parameters()]
+        clips = [p for c in self.clips.values() for p in c.parameters()]
+        clips += [iq.clip_logit for iq in self.iqs.values() if iq.clip_logit is not None]
+        return main, clips
+
+    # -- merged mode ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        frozen = {name: _inner(site).frozen() for name, site in self.sites.items()}
+        fvo = self.vo.frozen() if self.vo is not None else None
+        for site_name, names in SITES.items():
+            fr = frozen[site_name]
+            for n in names:
+                if n not in self.lins:
+                    continue
+                out = bias = None
+                if n == "v" and fvo is not None:
+                    out = bias = (lambda w, f=fvo: self.vo.apply_frozen_v(f, w))
+                merge_linear(self.lins[n], lambda w, f=fr: AffineSite.apply_frozen_weight(f, w), out, bias,
+                             self.clips.get(n), self.quant.weight)
+        o_side = (lambda w: HeadwiseVO.apply_frozen_o(fvo, w)) if fvo is not None else None
+        merge_linear(self.lins["o"], o_side, None, None, self.clips.get("o"), self.quant.weight)
+        for name, site in self.sites.items():
+            site.merge(frozen[name])
+        if self.vo is not None:
+            self.vo.merge(fvo)
+        if self.k_transform is not None:
+            self.k_transform.merge()
+
+
+@register_method("flatquant")
+class FlatQuant(Method):
+    """See the module docstring; config keys in ``conf/method/flatquant.yaml``."""
+
+    DEFAULTS = dict(weight_algo="rtn", epochs=15, lr=5e-3, clip_lr_mult=10.0, weight_decay=0.0, batch_size=4,
+                    on_nonfinite="raise", matrix="invertible", structure="kronecker", matrix_init="random",
+                    smooth_alpha=0.3, learn_scale=True, lwc=True, lac=True, vo_transform=True, kv_transform="auto",
+                    fuse_norms=True)
+    loss_by_type = False
+
+    def __init__(self, cfg=None):
+        super().__init__({**self.DEFAULTS, **(cfg or {})})
+        self._check()
+
+    # -- config ---------------------------------------------------------------------------------
+    def _check(self) -> None:
+        c = self.cfg
+        if c["matrix"] not in KINDS:
+            raise ValueError(f"method.matrix={c['matrix']!r} must be one of {KINDS}")
+        if c["structure"] not in STRUCTURES:
+            raise ValueError(f"method.structure={c['structure']!r} must be one of {STRUCTURES}")
+        if c["kv_transform"] not in ("auto", True, False):
+            raise ValueError(f"method.kv_transform={c['kv_transform']!r} must be auto, true or false")
+        if c["on_nonfinite"] not in NONFINITE_MODES:
+            raise ValueError(f"method.on_nonfinite={c['on_nonfinite']!r} must be one of {NONFINITE_MODES}")
+        if c["smooth_alpha"] is not None and not 0 <= float(c["smooth_alpha"]) <= 1:
+            raise ValueError(f"method.smooth_alpha={c['smooth_alpha']} must be in [0, 1] (or null: no scaling)")
+        self.train_config()
+
+    def train_config(self) -> TrainConfig:
+        c = self.cfg
+        return TrainConfig(epochs=int(c["epochs"]), lr=float(c["lr"]), clip_lr_mult=float(c["clip_lr_mult"]),
+                           weight_decay=float(c["weight_decay"]), batch_size=int(c["batch_size"]),
+                           on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type)
+
+    def uses_k_transform(self, ctx: QuantContext) -> bool:
+        kt = self.cfg["kv_transform"]
+        return ctx.quant.kv.enabled if kt == "auto" else bool(kt)
+
+    # -- pipeline -------------------------------------------------------------------------------
+    def apply(self, ctx: QuantContext) -> dict:
+        info = dict(self.transform(ctx) or {})
+        algo = self.cfg.get("weight_algo", "rtn")
+        if ctx.quant.weight.enabled:
+            if algo == "gptq":
+                self.gptq(ctx)
+            elif algo == "rtn":
+                self.rtn(ctx)
+            elif algo != "none":
+                raise ValueError(f"weight_algo must be rtn, gptq or none, got {algo!r}")
+        return info
+
+    def transform(self, ctx: QuantContext) -> dict:
+        if ctx.calib is None:
+            raise ValueError(f"{self.name} needs calibration data")
+        if self.cfg["fuse_norms"]:
+            for b in ctx.adapter.blocks():
+                fuse_norm_into_linears(b.attn_norm, [b.q, b.k, b.v])
+                fuse_norm_into_linears(b.mlp_norm, [l for l in (b.gate, b.up) if l is not None])
+        info = self.prepare(ctx)
+        q = ctx.quant
+        quantized = q.weight.enabled or q.act.enabled or q.kv.enabled
+        tcfg = self.train_config()
+        if ctx.model.config._attn_implementation != IMPL:
+            ctx.model.set_attn_implementation(IMPL)
+        info.update(train_blockwise(ctx, lambda i, block, stats: self.build_layer(ctx, i, block, stats), tcfg,
+                                    token_types=self.token_types, want_cov=self.wants_cov(),
+                                    want_qk_cov=self.wants_cov() and self.uses_k_transform(ctx),
+                                    train=quantized and tcfg.epochs > 0))
+        return info
+
+    # -- hooks for FreeAct ---------------------------------------------------------------------
+    token_types = None
+
+    def prepare(self, ctx: QuantContext) -> dict:
+        """Before training (FreeAct attaches the token types here)."""
+        return {}
+
+    def wants_cov(self) -> bool:
+        return False
+
+    def _generator(self, ctx, layer: int, slot: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(ctx.seed) * 1_000_003 + layer * 101 + slot)
+
+    def site_scale(self, block, site_name: str, stats) -> torch.Tensor | None:
+        alpha = self.cfg["smooth_alpha"]
+        if alpha is None:
+            return None
+        lins = [getattr(block, n) for n in SITES[site_name] if getattr(block, n) is not None]
+        w_absmax = torch.cat([l.weight.detach() for l in lins], 0).abs().amax(0).to(torch.float64)
+        return smooth_scale(stats.absmax[STAT_KEY[site_name]].cpu(), w_absmax.cpu(), float(alpha))
+
+    def make_site(self, ctx, i: int, site_name: str, block, stats, scale, slot: int):
+        d = getattr(block, SITES[site_name][-1]).in_features
+        return AffineSite(d, self.cfg["matrix"], self.cfg["structure"], scale=scale,
+                          learn_scale=bool(self.cfg["learn_scale"]), init=self.cfg["matrix_init"],
+                          generator=self._generator(ctx, i, slot), dtype=stats.dtype)
+
+    def make_k_transform(self, ctx, i: int, head_dim: int, stats):
+        return HeadTransform(head_dim, self.cfg["matrix_init"], self._generator(ctx, i, 4), dtype=stats.dtype)
+
+    def build_layer(self, ctx, i: int, block, stats) -> LayerTransforms:
+        device = block.q.weight.device
+        info = {}
+        sites = {}
+        for slot, name in enumerate(SITES):
+            scale = self.site_scale(block, name, stats)
+            sites[name] = self.make_site(ctx, i, name, block, stats, scale, slot).to(device)
+            info.update({f"{name}.{k}": v for k, v in getattr(sites[name], "info", {}).items()})
+        a = ctx.adapter
+        vo = None
+        if self.cfg["vo_transform"]:
+            vo = HeadwiseVO(a.num_heads, a.num_kv_heads, a.head_dim, self.cfg["matrix"], self.cfg["matrix_init"],
+                            self._generator(ctx, i, 3), dtype=stats.dtype).to(device)
+        k = self.make_k_transform(ctx, i, a.head_dim, stats) if self.uses_k_transform(ctx) else None
+        if k is not None:
+            k = k.to(device)
+            info.update({f"k.{kk}": v for kk, v in getattr(k, "info", {}).items()})
+        return LayerTransforms(block, sites, vo, k, ctx.quant, bool(self.cfg["lwc"]), bool(self.cfg["lac"]), info)

@@ -1,0 +1,426 @@
+"""FlatQuant's learnable pieces: affine transforms of a linear's input, weight and activation clipping.
+
+A transformed linear input ("site") of width ``d`` computes, for every linear that reads it,
+
+    y = x W^T = ((x / s) P) (W diag(s) P^{-T})^T
+
+* ``P`` is learnable and invertible: ``P = P_l (x) P_r`` with ``d = d_l * d_r`` the most square
+  factorisation of ``d`` (``structure="kronecker"``; any ``d``: 224 = 14 x 16, 592 = 16 x 37, a
+  prime stays 1 x d) or one dense ``d x d`` matrix (``structure="dense"``);
+* each factor is ``U diag(sigma) V^T`` with ``U, V`` orthogonal (``kind="invertible"``, FlatQuant's
+  SVD form, so ``P^{-1} = V diag(1/sigma) U^T`` is exact and cheap) or just ``U``
+  (``kind="orthogonal"``, FreeAct). ``U`` and ``V`` are kept orthogonal by
+  ``torch.nn.utils.parametrizations.orthogonal`` with the **Cayley** map and the default dynamic
+  trivialisation: the initial matrix is stored as ``base`` and the learnable skew part starts at
+  zero, so training starts exactly at the initial matrix;
+* ``s`` is a learnable per-channel scale (SmoothQuant-style init ``max|x_j|^a / max|W_j|^(1-a)``).
+
+``x @ (A (x) B)`` is computed as ``A^T X B`` on ``x`` reshaped to ``(..., d_l, d_r)``
+(:func:`kron_matmul`), never by building the ``d x d`` Kronecker product.
+
+Modes of every transform module here:
+
+* ``calibrating``: the matrices are functions of learnable parameters; the activation side runs
+  online and the weight side is applied on the fly by :class:`CalibratingWeight`, a
+  ``torch.nn.utils.parametrize`` parametrization of ``linear.weight`` (transform, learnable clip,
+  fake quantization), so gradients reach the transform from both sides;
+* ``merged``: :meth:`merge` evaluates the matrices once in float64, the weight side is written into
+  ``linear.weight`` (see :func:`merge_linear`) and the activation side keeps only frozen buffers.
+
+Other pieces: :class:`HeadwiseVO` (FlatQuant's V/O pair: a per-head ``P_v`` fused into ``v_proj``'s
+output and ``o_proj``'s input, and an online ``P_h`` across heads on ``o_proj``'s input),
+:class:`HeadTransform` (orthogonal per-head transform applied to post-RoPE Q and K; orthogonal so
+``q k^T`` is unchanged by applying the same matrix to both), :class:`WeightClip` (FlatQuant's
+learnable per-output-channel clamp ``[sigmoid(a) min_row, sigmoid(b) max_row]``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations, parametrize
+
+from ..quant.quantizer import QuantSpec, fake_quant
+
+__all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "smooth_scale", "LearnableSquare",
+           "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear"]
+
+KINDS = ("invertible", "orthogonal")
+STRUCTURES = ("kronecker", "dense")
+
+
+# ----------------------------------------------------------------------------- helpers
+def most_square_factors(n: int) -> tuple[int, int]:
+    """``(a, b)`` with ``a * b == n``, ``a <= b`` and ``a`` the largest divisor ``<= sqrt(n)``."""
+    if n < 1:
+        raise ValueError(f"width must be positive, got {n}")
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def kron_matmul(x: Tensor, mats: list[Tensor]) -> Tensor:
+    """``x @ M`` for ``M = mats[0]`` (dense) or ``M = mats[0] (x) mats[1]`` (Kronecker), last dim."""
+    if len(mats) == 1:
+        return x @ mats[0]
+    A, B = mats
+    shape = x.shape
+    X = x.reshape(*shape[:-1], A.shape[0], B.shape[0])
+    return (A.transpose(0, 1) @ X @ B).reshape(shape)
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> Tensor:
+    """Haar-random ``n x n`` orthogonal matrix (QR of a Gaussian with the sign fix)."""
+    g = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).to(dtype)
+
+
+def smooth_scale(x_absmax: Tensor, w_absmax: Tensor, alpha: float, eps: float = 1e-5) -> Tensor:
+    """SmoothQuant's per-channel scale ``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)`` (act: ``x / s``)."""
+    x = x_absmax.double().clamp(min=eps)
+    w = w_absmax.double().clamp(min=eps)
+    return (x.pow(alpha) / w.pow(1 - alpha)).clamp(min=eps)
+
+
+class _Matrix(nn.Module):
+    """Holds one square matrix as ``weight`` (so the parametrizations can attach to it)."""
+
+    def __init__(self, init: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(init.clone())
+
+
+def _orthogonal(init: Tensor) -> nn.Module:
+    return parametrizations.orthogonal(_Matrix(init), orthogonal_map="cayley", use_trivialization=True)
+
+
+# ----------------------------------------------------------------------------- learnable matrices
+class LearnableSquare(nn.Module):
+    """A learnable ``n x n`` matrix ``P``: ``U diag(sigma) V^T`` (invertible) or ``U`` (orthogonal).
+
+    ``init`` (orthogonal) is the initial ``U``; ``V`` starts at the identity and ``sigma`` at ones, so
+    ``P`` starts at ``init`` in both kinds.
+    """
+
+    def __init__(self, n: int, kind: str = "invertible", init: Tensor | None = None, dtype=torch.float32):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.n, self.kind = n, kind
+        init = torch.eye(n, dtype=torch.float64) if init is None else init
+        if init.shape != (n, n):
+            raise ValueError(f"initial matrix must be {n} x {n}, got {tuple(init.shape)}")
+        self.u = _orthogonal(init.to(dtype))
+        if kind == "invertible":
+            self.v = _orthogonal(torch.eye(n, dtype=dtype))
+            self.sigma = nn.Parameter(torch.ones(n, dtype=dtype))
+
+    def matrix(self) -> Tensor:
+        if self.kind == "orthogonal":
+            return self.u.weight
+        return (self.u.weight * self.sigma) @ self.v.weight.T
+
+    def inverse_t(self) -> Tensor:
+        """``P^{-T}`` (``= P`` for an orthogonal ``P``)."""
+        if self.kind == "orthogonal":
+            return self.u.weight
+        return (self.u.weight / self.sigma) @ self.v.weight.T
+
+    @torch.no_grad()
+    def frozen(self, dtype=torch.float64) -> tuple[Tensor, Tensor]:
+        """``(P, P^{-T})`` evaluated with every parameter cast to ``dtype`` (float64 for merging)."""
+        m = copy.deepcopy(self).to(dtype)
+        return m.matrix().detach(), m.inverse_t().detach()
+
+
+def _init_matrix(n: int, init: str, generator) -> Tensor:
+    if init == "random":
+        return random_orthogonal(n, generator)
+    if init == "identity":
+        return torch.eye(n, dtype=torch.float64)
+    raise ValueError(f"matrix init must be 'random' or 'identity', got {init!r}")
+
+
+class _Mergeable(nn.Module):
+    """Shared mode bookkeeping: ``calibrating`` until :meth:`merge` freezes the matrices."""
+
+    mode = "calibrating"
+
+    @property
+    def merged(self) -> bool:
+        return self.mode == "merged"
+
+    def _check_calibrating(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is merged: its {what} is in the weights already")
+
+
+# ----------------------------------------------------------------------------- one linear input
+class AffineSite(_Mergeable):
+    """One transformed linear input: ``x -> (x / s) P`` online, ``W -> W diag(s) P^{-T}`` offline.
+
+    ``scale``: the initial per-channel ``s`` (None = no scaling); ``learn_scale`` makes it a
+    parameter. ``init`` of the factors: "random" (random orthogonal, FlatQuant) or "identity";
+    ``factors_init`` overrides it with explicit orthogonal matrices (one per factor).
+    """
+
+    def __init__(self, d: int, kind: str = "invertible", structure: str = "kronecker", scale: Tensor | None = None,
+                 learn_scale: bool = True, init: str = "random", generator: torch.Generator | None = None,
+                 factors_init: list[Tensor] | None = None, dtype=torch.float32):
+        super().__init__()
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        self.d, self.kind, self.structure = d, kind, structure
+        dims = most_square_factors(d) if structure == "kronecker" else (d,)
+        if factors_init is None:
+            factors_init = [_init_matrix(n, init, generator) for n in dims]
+        if [tuple(m.shape) for m in factors_init] != [(n, n) for n in dims]:
+            raise ValueError(f"factors_init shapes {[tuple(m.shape) for m in factors_init]} do not match {dims}")
+        self.factors = nn.ModuleList(LearnableSquare(n, kind, m, dtype) for n, m in zip(dims, factors_init))
+        if scale is None:
+            self.scale = None
+        elif learn_scale:
+            self.scale = nn.Parameter(scale.detach().to(dtype).clone())
+        else:
+            self.register_buffer("scale", scale.detach().to(dtype).clone())
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        if self.merged:
+            return tuple(m.shape[0] for m in self._act_mats())
+        return tuple(f.n for f in self.factors)
+
+    def _act_mats(self) -> list[Tensor]:
+        if self.merged:
+            return [getattr(self, f"act_{i}") for i in range(self.n_factors)]
+        return [f.matrix() for f in self.factors]
+
+    # -- activation side (online) ------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"{type(self).__name__} of width {self.d} got an input of width {x.shape[-1]}")
+        if self.merged:
+            if self.inv_scale is not None:
+                x = x * self.inv_scale.to(x.dtype)
+        elif self.scale is not None:
+            x = x / self.scale.to(x.dtype)
+        return kron_matmul(x, [m.to(x.dtype) for m in self._act_mats()])
+
+    # -- weight side --------------------------------------------------------------------------
+    def transform_weight(self, w: Tensor) -> Tensor:
+        """``W diag(s) P^{-T}`` (differentiable; calibrating mode)."""
+        self._check_calibrating("weight side")
+        if self.scale is not None:
+            w = w * self.scale.to(w.dtype)
+        return kron_matmul(w, [f.inverse_t().to(w.dtype) for f in self.factors])
+
+    @torch.no_grad()
+    def frozen(self) -> dict:
+        """Everything in float64: act-side factors, weight-side factors (``P^{-T}``), the scale."""
+        self._check_calibrating("transform")
+        pairs = [f.frozen(torch.float64) for f in self.factors]
+        s = None if self.scale is None else self.scale.detach().to(torch.float64)
+        return {"act": [p for p, _ in pairs], "weight": [q for _, q in pairs], "scale": s}
+
+    @staticmethod
+    def apply_frozen_weight(frozen: dict, w: Tensor) -> Tensor:
+        if frozen["scale"] is not None:
+            w = w * frozen["scale"].to(w.device)
+        return kron_matmul(w, [m.to(w.device) for m in frozen["weight"]])
+
+    @torch.no_grad()
+    def merge(self, frozen: dict | None = None) -> None:
+        """Switch to merged mode: keep only the activation side, as buffers (the weight side must
+        have been merged with :func:`merge_linear` using the same ``frozen`` values)."""
+        if self.merged:
+            return
+        frozen = frozen or self.frozen()
+        dtype = next(self.factors.parameters()).dtype
+        self.n_factors = len(frozen["act"])
+        for i, m in enumerate(frozen["act"]):
+            self.register_buffer(f"act_{i}", m.to(dtype))
+        del self.factors
+        if self.scale is not None:
+            del self.scale
+            self.register_buffer("inv_scale", (1.0 / frozen["scale"]).to(dtype))
+        else:
+            self.inv_scale = None
+        self.mode = "merged"
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, dims={self.dims}, kind={self.kind}, mode={self.mode}"
+
+
+# ----------------------------------------------------------------------------- V/O per head
+class HeadwiseVO(_Mergeable):
+    """FlatQuant's V/O pair. ``P_v`` (head_dim) is fused into ``v_proj``'s output rows (``v -> v P_v``
+    per KV head, weight and bias) so attention outputs arrive in the ``P_v`` basis; ``o_proj``'s input
+    gets ``P_h`` (num_heads) across heads online; ``o_proj``'s weight gets ``(P_h (x) P_v)^{-T}``.
+    Every query head of a KV group shares that KV head's ``P_v``, so GQA needs nothing special.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kind: str = "invertible",
+                 init: str = "random", generator: torch.Generator | None = None, dtype=torch.float32):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.kind = kind
+        self.heads = LearnableSquare(num_heads, kind, _init_matrix(num_heads, init, generator), dtype)
+        self.value = LearnableSquare(head_dim, kind, _init_matrix(head_dim, init, generator), dtype)
+
+    def _heads_mat(self) -> Tensor:
+        return self.heads_act if self.merged else self.heads.matrix()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``o_proj``'s input ``(..., heads * head_dim) -> x (P_h (x) I)``."""
+        P = self._heads_mat().to(x.dtype)
+        shape = x.shape
+        X = x.reshape(*shape[:-1], self.num_heads, self.head_dim)
+        return (P.transpose(0, 1) @ X).reshape(shape)
+
+    @staticmethod
+    def _v_rows(w: Tensor, Pv: Tensor, kv: int) -> Tensor:
+        hd = Pv.shape[0]
+        W = w.reshape(kv, hd, *w.shape[1:])
+        return torch.einsum("ij,ki...->kj...", Pv.to(w.dtype), W).reshape(w.shape)
+
+    def transform_v_weight(self, w: Tensor) -> Tensor:
+        self._check_calibrating("v weight side")
+        return self._v_rows(w, self.value.matrix(), self.num_kv_heads)
+
+    def transform_v_bias(self, b: Tensor) -> Tensor:
+        self._check_calibrating("v bias side")
+        return self._v_rows(b, self.value.matrix(), self.num_kv_heads)
+
+    def transform_o_weight(self, w: Tensor) -> Tensor:
+        self._check_calibrating("o weight side")
+        return kron_matmul(w, [self.heads.inverse_t().to(w.dtype), self.value.inverse_t().to(w.dtype)])
+
+    @torch.no_grad()
+    def frozen(self) -> dict:
+        self._check_calibrating("transform")
+        (ph, ph_it), (pv, pv_it) = self.heads.frozen(), self.value.frozen()
+        return {"heads": ph, "value": pv, "o_weight": [ph_it, pv_it]}
+
+    def apply_frozen_v(self, frozen: dict, w: Tensor) -> Tensor:
+        return self._v_rows(w, frozen["value"].to(w.device), self.num_kv_heads)
+
+    @staticmethod
+    def apply_frozen_o(frozen: dict, w: Tensor) -> Tensor:
+        return kron_matmul(w, [m.to(w.device) for m in frozen["o_weight"]])
+
+    @torch.no_grad()
+    def merge(self, frozen: dict | None = None) -> None:
+        if self.merged:
+            return
+        frozen = frozen or self.frozen()
+        dtype = next(self.heads.parameters()).dtype
+        self.register_buffer("heads_act", frozen["heads"].to(dtype))
+        del self.heads, self.value
+        self.mode = "merged"
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mode={self.mode}"
+
+
+# ----------------------------------------------------------------------------- post-RoPE Q/K
+class HeadTransform(_Mergeable):
+    """Orthogonal learnable ``head_dim x head_dim`` matrix applied to post-RoPE Q and K (``x @ Q``).
+
+    The same module transforms both (that is how :class:`~freeact.quant.kv.QKVHook` calls it), which
+    is exact because ``(q Q)(k Q)^T = q k^T`` for orthogonal ``Q``; that is why it is orthogonal
+    rather than FlatQuant's invertible K transform with its inverse on Q.
+    """
+
+    def __init__(self, head_dim: int, init: str = "random", generator: torch.Generator | None = None,
+                 init_matrix: Tensor | None = None, dtype=torch.float32):
+        super().__init__()
+        m = _init_matrix(head_dim, init, generator) if init_matrix is None else init_matrix
+        self.head_dim = head_dim
+        self.q = LearnableSquare(head_dim, "orthogonal", m, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        Q = self.matrix_buf if self.merged else self.q.matrix()
+        return x @ Q.to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        dtype = next(self.q.parameters()).dtype
+        self.register_buffer("matrix_buf", self.q.frozen()[0].to(dtype))
+        del self.q
+        self.mode = "merged"
+
+
+# ----------------------------------------------------------------------------- clipping
+class WeightClip(nn.Module):
+    """FlatQuant's learnable weight clipping: per output channel, clamp the row to
+    ``[sigmoid(a) * min(row), sigmoid(b) * max(row)]`` (``a = b = 4`` at init: ratio 0.982).
+    Applied right before the weight quantizer, so it sets the quantizer's range."""
+
+    def __init__(self, d_out: int, init: float = 4.0, dtype=torch.float32):
+        super().__init__()
+        self.logit_max = nn.Parameter(torch.full((d_out, 1), init, dtype=dtype))
+        self.logit_min = nn.Parameter(torch.full((d_out, 1), init, dtype=dtype))
+
+    def forward(self, w: Tensor) -> Tensor:
+        hi = w.amax(dim=1, keepdim=True) * torch.sigmoid(self.logit_max).to(w.dtype)
+        lo = w.amin(dim=1, keepdim=True) * torch.sigmoid(self.logit_min).to(w.dtype)
+        return torch.clamp(w, min=lo, max=hi)
+
+
+# ----------------------------------------------------------------------------- calibrating mode
+class CalibratingWeight(nn.Module):
+    """Parametrization of ``linear.weight`` (or ``.bias``) while calibrating:
+    ``W -> Q_w(clip(out(in(W))))`` with ``in`` the input-side transform (``W diag(s) P^{-T}``),
+    ``out`` an output-side transform (``v_proj``'s rows), ``clip`` a :class:`WeightClip` and ``Q_w``
+    the weight fake-quantizer. Clip and quantizer act only when ``spec`` is enabled."""
+
+    def __init__(self, input_side=None, output_side=None, clip: WeightClip | None = None,
+                 spec: QuantSpec | None = None):
+        super().__init__()
+        self.input_side = input_side  # callable W -> W (bound method of a transform module)
+        self.output_side = output_side
+        self.clip = clip
+        self.spec = spec
+        self.quantize = True
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.input_side is not None:
+            w = self.input_side(w)
+        if self.output_side is not None:
+            w = self.output_side(w)
+        if self.spec is not None and self.spec.enabled:
+            if self.clip is not None:
+                w = self.clip(w)
+            if self.quantize:
+                w = fake_quant(w, self.spec)
+        return w
+
+
+@torch.no_grad()
+def merge_linear(linear: nn.Linear, input_side=None, output_side=None, bias_side=None,
+                 clip: WeightClip | None = None, spec: QuantSpec | None = None) -> None:
+    """Write the weight side into ``linear`` in float64 and drop its calibrating parametrizations.
+
+    ``input_side`` / ``output_side`` / ``bias_side``: float64 callables ``W -> W``. The learned clip
+    is applied (as a clamp, when ``spec`` quantizes) so the pipeline's weight quantizer (RTN: the
+    very quantizer used in training; GPTQ: ranges from the clamped rows) honours it.
+    """
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(linear, name):
+            parametrize.remove_parametrizations(linear, name, leave_parametrized=False)
+    w = linear.weight.data
+    w64 = w.to(torch.float64)
+    if input_side is not None:
+        w64 = input_side(w64)
+    if output_side is not None:
+        w64 = output_side(w64)
+    if clip is not None and spec is not None and spec.enabled:
+        w64 = clip(w64)
+    linear.weight.data = w64.to(w.dtype)
+    if bias_side is not None and linear.bias is not None:
+        b = linear.bias.data
+        linear.bias.data = bias_side(b.to(torch.float64)).to(b.dtype)
