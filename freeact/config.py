@@ -128,14 +128,32 @@ def _is_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") != 1
 
 
+def _resolve_package_path(key: str, path: str) -> str:
+    """``pkg://PACKAGE/sub/dir`` -> a directory of the installed package (see models.loading.resolve_path)."""
+    from .models.loading import resolve_path
+
+    try:
+        return resolve_path(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def model_widths(m) -> dict:
     """hidden / intermediate / head dims of the configured model, read without loading weights."""
     if m.source == "tiny":
         raw = OmegaConf.to_container(m.arch)
+    elif m.get("gguf_file"):  # a GGUF file holds its config in its metadata (no config.json)
+        from transformers import AutoConfig
+
+        from .models.loading import resolve_path
+
+        raw = AutoConfig.from_pretrained(resolve_path(m.path), gguf_file=m.gguf_file).to_dict()
     else:
         from transformers.utils import cached_file
 
-        with open(cached_file(m.path, "config.json")) as f:
+        from .models.loading import resolve_path
+
+        with open(cached_file(resolve_path(m.path), "config.json")) as f:
             raw = json.load(f)
     raw = raw.get("text_config") or raw  # a VLM: the language model's widths
     h = raw.get("hidden_size") or raw.get("d_model")
@@ -172,10 +190,14 @@ def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
     _check(m.dtype in DTYPES, f"model.dtype={m.dtype!r} must be one of {DTYPES}")
     if m.source == "pretrained":
         _check(bool(m.path), "model.path must be set for a pretrained model (a hub id or a local directory)")
-        if _is_local(m.path):
-            _check(Path(m.path).expanduser().exists(), f"model.path={m.path} does not exist")
-    if m.tokenizer and _is_local(m.tokenizer):
-        _check(Path(m.tokenizer).expanduser().exists(), f"model.tokenizer={m.tokenizer} does not exist")
+        path = _resolve_package_path("model.path", m.path)
+        if _is_local(path):
+            _check(Path(path).expanduser().exists(), f"model.path={m.path} does not exist")
+        if m.get("gguf_file"):
+            _check(Path(path, m.gguf_file).exists(), f"model.gguf_file={m.gguf_file} is not in {path}")
+    if m.tokenizer:
+        tok = _resolve_package_path("model.tokenizer", m.tokenizer)
+        _check(not _is_local(tok) or Path(tok).expanduser().exists(), f"model.tokenizer={m.tokenizer} does not exist")
     specs = {k: spec(cfg, k) for k in ("weight", "act", "kv")}
     _check(cfg.calib.nsamples > 0, f"calib.nsamples={cfg.calib.nsamples} must be > 0")
     _check(cfg.calib.seqlen > 1, f"calib.seqlen={cfg.calib.seqlen} must be > 1")

@@ -29,12 +29,14 @@ import json
 import os
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 RECORD_TYPES = ("open", "text", "mc")
 SYNTHETIC = "synthetic"
+SYNTHETIC_VERSION = 1  # part of the cache path: bump when generate_synthetic_vqa draws differently
 
 
 # -- local JSONL folders ----------------------------------------------------------------------
@@ -88,6 +90,14 @@ def load_image(path: str):
 
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def record_images(record: dict) -> list:
+    """The images of a record, in prompt order: ``image`` is a path, a PIL image, a list of
+    them, or None (a text-only prompt)."""
+    image = record.get("image")
+    images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+    return [load_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB") for im in images]
 
 
 # -- synthetic VQA ----------------------------------------------------------------------------
@@ -192,7 +202,7 @@ def resolve_source(source: str, n: int | None, seed: int) -> Path:
         return jsonl_file(source).parent
     if not n:
         raise ValueError("a synthetic multimodal set needs nsamples > 0")
-    out = cache_dir() / "synthetic_vqa" / f"n{n}_seed{seed}"
+    out = cache_dir() / "synthetic_vqa" / f"v{SYNTHETIC_VERSION}_n{n}_seed{seed}"
     if not (out / "data.jsonl").exists():
         generate_synthetic_vqa(out, n, seed)
     return out
@@ -220,7 +230,9 @@ class GridImageProcessor:
     Does what ``Qwen2_5_VLProcessor`` does for images: each image placeholder token in the text
     is repeated ``prod(image_grid_thw) / merge_size**2`` times (the number of merged patches the
     vision tower produces), then the text is tokenized; ``mm_token_type_ids`` is 1 at image
-    placeholders and 0 elsewhere.
+    placeholders and 0 elsewhere. On ``freeact/assets/tiny_vlm`` its outputs were checked to be
+    identical to ``Qwen2_5_VLProcessor``'s (transformers 5.17 with torchvision), for 112x112 and
+    for odd-sized images.
     """
 
     def __init__(self, image_processor, tokenizer):
@@ -263,17 +275,19 @@ def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
-def prompt_text(processor, question: str) -> str:
-    """The model's chat prompt for one image and a question, ending where the answer starts."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def prompt_text(processor, question: str, n_images: int = 1) -> str:
+    """The model's chat prompt for ``n_images`` images then a question, ending where the answer starts."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 # -- batches ----------------------------------------------------------------------------------
 def encode_prompts(processor, records: list[dict], padding_side: str = "left") -> dict:
     """Prompt-only batch (for generation: left padding)."""
-    return dict(processor(images=[load_image(r["image"]) for r in records],
-                          text=[prompt_text(processor, r["prompt"]) for r in records],
+    images = [record_images(r) for r in records]
+    return dict(processor(images=[im for ims in images for im in ims] or None,
+                          text=[prompt_text(processor, r["prompt"], len(ims)) for r, ims in zip(records, images)],
                           padding=True, padding_side=padding_side, return_tensors="pt"))
 
 
@@ -283,13 +297,14 @@ def encode_with_continuations(processor, records: list[dict], continuations: lis
 
     The prompt (with its image) goes through the processor; the continuation is tokenized on
     its own and appended, so its tokens are the same whatever precedes them. Every per-token
-    tensor the processor returns (same shape as ``input_ids``) is extended: ``attention_mask``
-    with 1, the others (e.g. ``mm_token_type_ids``) with 0 = text.
+    integer tensor the processor returns (same shape as ``input_ids``) is extended:
+    ``attention_mask`` with 1, the others (e.g. ``mm_token_type_ids``) with 0 = text.
     """
     tok = tokenizer_of(processor)
     enc = encode_prompts(processor, records, padding_side="right")
     ids, mask = enc["input_ids"], enc["attention_mask"].bool()
-    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape and k != "attention_mask"]
+    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == ids.shape
+                 and not v.is_floating_point() and k != "attention_mask"]
     rows, spans = [], []
     for b, cont in enumerate(continuations):
         c = torch.tensor(tok(cont, add_special_tokens=False)["input_ids"], dtype=ids.dtype)
@@ -328,6 +343,16 @@ class MultimodalCalibSet:
         for i in range(0, len(self.records), batch_size):
             chunk = self.records[i : i + batch_size]
             yield encode_with_continuations(self.processor, chunk, [r["answer"] for r in chunk])[0]
+
+    @cached_property
+    def input_ids(self) -> torch.Tensor:
+        """Token ids of every calibration sequence (right-padded), for token statistics such as
+        the count of each token type. A forward pass needs the images too: use :meth:`batches`."""
+        return next(self.batches(len(self.records)))["input_ids"]
+
+    @property
+    def targets(self) -> torch.Tensor:  # autoregressive: the inputs are the targets
+        return self.input_ids
 
 
 def build_mm_calib_set(processor, source: str, nsamples: int, seed: int) -> MultimodalCalibSet:

@@ -14,6 +14,7 @@ full forwards instead of one forward per draw.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -45,16 +46,40 @@ def _pad_id(adapter) -> int:
     return 0 if pad is None else int(pad)
 
 
+def accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _masked_logits(model, adapter, xin: torch.Tensor, m: torch.Tensor, kw: dict, restrict: bool) -> torch.Tensor:
+    """Logits scoring the tokens at the True positions of ``m`` (row-major order), aligned as
+    :meth:`ModelAdapter.logits` aligns them. With ``restrict`` the LM head runs only at the
+    positions needed (transformers' boolean ``logits_to_keep``): for a shifted-logits model
+    (Dream) position ``i`` is scored by the output at ``max(i - 1, 0)``, as ``adapter.logits``
+    does; this saves the head's compute and the (batch, length, vocab) logits tensor."""
+    if not (restrict and accepts_logits_to_keep(model)):
+        return adapter.logits(model(input_ids=xin, use_cache=False, **kw))[m]
+    b, width = m.shape
+    rows, cols = m.nonzero(as_tuple=True)
+    src = (cols - 1).clamp_min(0) if adapter.shift_logits else cols  # output position scoring each token
+    keep = torch.zeros_like(m)
+    keep[rows, src] = True
+    kept = model(input_ids=xin, use_cache=False, logits_to_keep=keep, **kw).logits  # (keep.sum(), vocab)
+    slot = keep.flatten().cumsum(0) - 1  # row-major rank of each kept position
+    return kept.reshape(-1, kept.shape[-1])[slot[rows * width + src]]
+
+
 @torch.no_grad()
 def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 32,
-                     device: str = "cpu", progress: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     device: str = "cpu", progress: bool = False,
+                     restrict_logits: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Score masked positions: for every row ``(ids (L,), mask (L,) bool)`` the positions in
     ``mask`` are replaced by the mask token and the model predicts them from the rest.
 
     Rows are packed ``batch_size`` at a time (longest first; shorter rows right-padded and
     excluded by the attention mask, which leaves their logits unchanged). Returns, per row in
     the input order, the cross-entropy (nats, float32, CPU) at each masked position and whether
-    the argmax prediction there equals the true token.
+    the argmax prediction there equals the true token. ``restrict_logits`` computes logits only
+    where they are scored (see :func:`_masked_logits`; off = full logits, as reference code does).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -79,7 +104,7 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Te
             kw["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None]).long().to(device)
         x, m = x.to(device), m.to(device)
         xin = torch.where(m, torch.full_like(x, mask_id), x)
-        logits = adapter.logits(model(input_ids=xin, use_cache=False, **kw))[m].float()
+        logits = _masked_logits(model, adapter, xin, m, kw, restrict_logits).float()
         ce = F.cross_entropy(logits, x[m], reduction="none").cpu()
         hit = (logits.argmax(-1) == x[m]).cpu()
         counts = m.sum(1).tolist()
@@ -91,7 +116,8 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mc_num: int,
                   generator: torch.Generator | Sequence[torch.Generator], batch_size: int = 32, device: str = "cpu",
-                  check_greedy: bool = False, progress: bool = False) -> tuple[list[float], list[bool] | None]:
+                  check_greedy: bool = False, progress: bool = False,
+                  restrict_logits: bool = True) -> tuple[list[float], list[bool] | None]:
     """Monte-Carlo ELBO estimates of ``-log p(ids[target] | ids[~target])`` for many sequences.
 
     ``generator`` is one generator consumed sequence by sequence, or one per sequence (then each
@@ -116,7 +142,7 @@ def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequenc
         probs.append(p)
     if check_greedy:
         rows += [(ids, target) for ids, target in zip(seqs, targets)]
-    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress)
+    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress, restrict_logits)
     nlls = []
     for j, p in enumerate(probs):
         draws = scored[j * mc_num : (j + 1) * mc_num]

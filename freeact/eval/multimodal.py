@@ -119,8 +119,9 @@ def references(record: dict) -> list[str]:
 # -- model calls ------------------------------------------------------------------------------
 @torch.no_grad()
 def continuation_logprobs(model, processor, records: list[dict], continuations: list[str],
-                          device="cpu") -> list[tuple[float, int]]:
-    """``(sum of log p(continuation tokens | image, prompt), number of tokens)`` per row."""
+                          device="cpu") -> list[tuple[float, int, bool]]:
+    """Per row: the sum of ``log p(continuation tokens | images, prompt)``, the number of
+    continuation tokens, and whether greedy decoding would produce exactly them."""
     batch, spans = encode_with_continuations(processor, records, continuations)
     logits = model(**to_device(batch, device), use_cache=False).logits.float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -128,7 +129,8 @@ def continuation_logprobs(model, processor, records: list[dict], continuations: 
     out = []
     for b, (start, end) in enumerate(spans):
         pos = torch.arange(start, end, device=logp.device)
-        out.append((float(logp[b, pos - 1, ids[b, pos]].sum()), end - start))
+        greedy = bool((logp[b, pos - 1].argmax(-1) == ids[b, pos]).all())
+        out.append((float(logp[b, pos - 1, ids[b, pos]].sum()), end - start, greedy))
     return out
 
 
@@ -160,7 +162,7 @@ def evaluate_records(model, processor, records: list[dict], batch_size: int = 8,
     for step, rs in steps:
         for chunk in _chunks(rs, batch_size):
             if step == "nll":
-                for r, (lp, n) in zip(chunk, continuation_logprobs(model, processor, chunk,
+                for r, (lp, n, _) in zip(chunk, continuation_logprobs(model, processor, chunk,
                                                                    [r["answer"] for r in chunk], device)):
                     results[r["id"]]["answer_nll"] = -lp / n
             elif step == "mc":
@@ -170,7 +172,7 @@ def evaluate_records(model, processor, records: list[dict], batch_size: int = 8,
                     scores += continuation_logprobs(model, processor, [r for r, _ in sub], [o for _, o in sub], device)
                 k = 0
                 for r in chunk:
-                    lps = [lp for lp, _ in scores[k : k + len(r["options"])]]
+                    lps = [lp for lp, _, _ in scores[k : k + len(r["options"])]]
                     k += len(r["options"])
                     pred = r["options"][max(range(len(lps)), key=lps.__getitem__)]
                     results[r["id"]].update(prediction=pred, score=float(pred == r["answer"]))

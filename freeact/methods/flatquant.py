@@ -35,8 +35,9 @@ from ..transforms.fusion import fuse_norm_into_linears
 from .base import Method, QuantContext, register_method
 from .block_training import NONFINITE_MODES, TrainConfig, train_blockwise
 
-SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",)}
-STAT_KEY = {"qkv": "q", "mlp": "up", "down": "down"}  # whose input the statistics were taken from
+SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",), "o": ("o",)}
+STAT_KEY = {"qkv": "q", "mlp": "up", "down": "down", "o": "o"}  # whose input the statistics were taken from
+O_TRANSFORMS = ("heads", "site")
 
 
 def _inner(site):
@@ -44,45 +45,58 @@ def _inner(site):
     return getattr(site, "inner", site)
 
 
+def _compose(first, second):
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return lambda w: second(first(w))
+
+
 class LayerTransforms:
-    """The learnable transforms of one decoder layer, and how they attach to its linears."""
+    """The learnable transforms of one decoder layer, and how they attach to its linears.
+
+    ``sites``: name (qkv, mlp, down, optionally o) -> online activation module (an
+    :class:`AffineSite`, possibly wrapped by FreeAct's type mask); ``vo``: the V/O pair (its ``P_v``
+    acts on ``o_proj``'s input before an ``o`` site, if any); ``k_transform``: post-RoPE Q/K.
+    """
 
     def __init__(self, block, sites: dict, vo: HeadwiseVO | None, k_transform, quant, lwc: bool, lac: bool,
                  info: dict | None = None):
         self.block, self.sites, self.vo, self.k_transform, self.quant = block, sites, vo, k_transform, quant
-        lins = block.linears()
-        self.lins = lins
+        self.lins = block.linears()
         self.clips = {n: WeightClip(l.out_features, dtype=l.weight.dtype).to(l.weight.device)
-                      for n, l in lins.items()} if (lwc and quant.weight.enabled) else {}
-        self.iqs = {name: InputQuantizer(quant.act, site, learnable_clip=lac and quant.act.enabled)
-                    for name, site in sites.items()}
-        self.iqs["o"] = InputQuantizer(quant.act, vo, learnable_clip=lac and quant.act.enabled)
+                      for n, l in self.lins.items()} if (lwc and quant.weight.enabled) else {}
+        learn = lac and quant.act.enabled
+        self.iqs = {name: InputQuantizer(quant.act, site, learnable_clip=learn) for name, site in sites.items()}
+        if "o" not in sites:
+            self.iqs["o"] = InputQuantizer(quant.act, vo if (vo is not None and vo.has_heads) else None,
+                                           learnable_clip=learn)
         self.info = info or {}
+
+    def _site_of(self, name: str) -> str:
+        return next(s for s, names in SITES.items() if name in names)
 
     # -- calibrating mode ----------------------------------------------------------------------
     def _input_side(self, name):
-        for site_name, names in SITES.items():
-            if name in names:
-                return _inner(self.sites[site_name]).transform_weight
-        return self.vo.transform_o_weight if self.vo is not None else None
+        site = self.sites.get(self._site_of(name))
+        f = _inner(site).transform_weight if site is not None else None
+        if name == "o" and self.vo is not None:
+            return _compose(self.vo.transform_o_weight, f)
+        return f
 
     def install(self) -> None:
         from torch.nn.utils import parametrize
 
-        for site_name, names in SITES.items():
-            for n in names:
-                if n in self.lins:
-                    attach_input_quantizer(self.lins[n], self.iqs[site_name])
-        attach_input_quantizer(self.lins["o"], self.iqs["o"])
         for n, lin in self.lins.items():
+            attach_input_quantizer(lin, self.iqs[self._site_of(n)])
             out = self.vo.transform_v_weight if (n == "v" and self.vo is not None) else None
             parametrize.register_parametrization(
                 lin, "weight", CalibratingWeight(self._input_side(n), out, self.clips.get(n), self.quant.weight))
             if n == "v" and self.vo is not None and lin.bias is not None:
                 parametrize.register_parametrization(lin, "bias", CalibratingWeight(output_side=self.vo.transform_v_bias))
         if self.k_transform is not None or self.quant.kv.enabled:
-            attn = self.block.attn
-            attn.qkv_hook = QKVHook(self.quant.kv, self.k_transform)
+            self.block.attn.qkv_hook = QKVHook(self.quant.kv, self.k_transform)
 
     def param_groups(self):
         mods = [_inner(s) for s in self.sites.values()] + [self.vo, self.k_transform]
@@ -96,18 +110,15 @@ class LayerTransforms:
     def merge(self) -> None:
         frozen = {name: _inner(site).frozen() for name, site in self.sites.items()}
         fvo = self.vo.frozen() if self.vo is not None else None
-        for site_name, names in SITES.items():
-            fr = frozen[site_name]
-            for n in names:
-                if n not in self.lins:
-                    continue
-                out = bias = None
-                if n == "v" and fvo is not None:
-                    out = bias = (lambda w, f=fvo: self.vo.apply_frozen_v(f, w))
-                merge_linear(self.lins[n], lambda w, f=fr: AffineSite.apply_frozen_weight(f, w), out, bias,
-                             self.clips.get(n), self.quant.weight)
-        o_side = (lambda w: HeadwiseVO.apply_frozen_o(fvo, w)) if fvo is not None else None
-        merge_linear(self.lins["o"], o_side, None, None, self.clips.get("o"), self.quant.weight)
+        for n, lin in self.lins.items():
+            fr = frozen.get(self._site_of(n))
+            inp = (lambda w, f=fr: AffineSite.apply_frozen_weight(f, w)) if fr is not None else None
+            out = bias = None
+            if fvo is not None and n == "v":
+                out = bias = (lambda w: self.vo.apply_frozen_v(fvo, w))
+            if fvo is not None and n == "o":
+                inp = _compose(lambda w: HeadwiseVO.apply_frozen_o(fvo, w), inp)
+            merge_linear(lin, inp, out, bias, self.clips.get(n), self.quant.weight)
         for name, site in self.sites.items():
             site.merge(frozen[name])
         if self.vo is not None:
@@ -122,8 +133,8 @@ class FlatQuant(Method):
 
     DEFAULTS = dict(weight_algo="rtn", epochs=15, lr=5e-3, clip_lr_mult=10.0, weight_decay=0.0, batch_size=4,
                     on_nonfinite="raise", matrix="invertible", structure="kronecker", matrix_init="random",
-                    smooth_alpha=0.3, learn_scale=True, lwc=True, lac=True, vo_transform=True, kv_transform="auto",
-                    fuse_norms=True)
+                    smooth_alpha=0.3, learn_scale=True, lwc=True, lac=True, vo_transform=True, o_transform="heads",
+                    kv_transform="auto", fuse_norms=True)
     loss_by_type = False
 
     def __init__(self, cfg=None):
@@ -139,6 +150,8 @@ class FlatQuant(Method):
             raise ValueError(f"method.structure={c['structure']!r} must be one of {STRUCTURES}")
         if c["kv_transform"] not in ("auto", True, False):
             raise ValueError(f"method.kv_transform={c['kv_transform']!r} must be auto, true or false")
+        if c["o_transform"] not in O_TRANSFORMS:
+            raise ValueError(f"method.o_transform={c['o_transform']!r} must be one of {O_TRANSFORMS}")
         if c["on_nonfinite"] not in NONFINITE_MODES:
             raise ValueError(f"method.on_nonfinite={c['on_nonfinite']!r} must be one of {NONFINITE_MODES}")
         if c["smooth_alpha"] is not None and not 0 <= float(c["smooth_alpha"]) <= 1:
@@ -202,7 +215,7 @@ class FlatQuant(Method):
 
     def site_scale(self, block, site_name: str, stats) -> torch.Tensor | None:
         alpha = self.cfg["smooth_alpha"]
-        if alpha is None:
+        if alpha is None or site_name == "o":  # o_proj's input: no scaling (as FlatQuant)
             return None
         lins = [getattr(block, n) for n in SITES[site_name] if getattr(block, n) is not None]
         w_absmax = torch.cat([l.weight.detach() for l in lins], 0).abs().amax(0).to(torch.float64)
@@ -217,21 +230,38 @@ class FlatQuant(Method):
     def make_k_transform(self, ctx, i: int, head_dim: int, stats):
         return HeadTransform(head_dim, self.cfg["matrix_init"], self._generator(ctx, i, 4), dtype=stats.dtype)
 
+    def site_names(self) -> list[str]:
+        return ["qkv", "mlp", "down"] + (["o"] if self.cfg["o_transform"] == "site" else [])
+
     def build_layer(self, ctx, i: int, block, stats) -> LayerTransforms:
         device = block.q.weight.device
-        info = {}
-        sites = {}
-        for slot, name in enumerate(SITES):
-            scale = self.site_scale(block, name, stats)
-            sites[name] = self.make_site(ctx, i, name, block, stats, scale, slot).to(device)
-            info.update({f"{name}.{k}": v for k, v in getattr(sites[name], "info", {}).items()})
         a = ctx.adapter
         vo = None
         if self.cfg["vo_transform"]:
             vo = HeadwiseVO(a.num_heads, a.num_kv_heads, a.head_dim, self.cfg["matrix"], self.cfg["matrix_init"],
-                            self._generator(ctx, i, 3), dtype=stats.dtype).to(device)
+                            self._generator(ctx, i, 3), heads=self.cfg["o_transform"] == "heads",
+                            dtype=stats.dtype).to(device)
+            if "o" in stats.cov:  # o_proj's input arrives in the P_v basis: move its statistics there
+                pv = vo.value.frozen()[0]
+                stats.cov["o"].cov = _per_head_congruence(stats.cov["o"].cov, pv, a.num_heads)
+        info, sites = {}, {}
+        slots = {"qkv": 0, "mlp": 1, "down": 2, "o": 5}
+        for name in self.site_names():
+            scale = self.site_scale(block, name, stats)
+            sites[name] = self.make_site(ctx, i, name, block, stats, scale, slots[name]).to(device)
+            info.update({f"{name}.{k}": v for k, v in getattr(sites[name], "info", {}).items()})
         k = self.make_k_transform(ctx, i, a.head_dim, stats) if self.uses_k_transform(ctx) else None
         if k is not None:
             k = k.to(device)
             info.update({f"k.{kk}": v for kk, v in getattr(k, "info", {}).items()})
         return LayerTransforms(block, sites, vo, k, ctx.quant, bool(self.cfg["lwc"]), bool(self.cfg["lac"]), info)
+
+
+def _per_head_congruence(cov: torch.Tensor, pv: torch.Tensor, heads: int) -> torch.Tensor:
+    """``K^T C K`` for ``K = I_heads (x) P_v`` and every covariance ``C`` of the batch ``cov`` (T, d, d)."""
+    T, d, _ = cov.shape
+    hd = d // heads
+    C = cov.reshape(T, heads, hd, heads, hd)
+    pv = pv.to(cov)
+    C = torch.einsum("thaib,ac,bd->thcid", C, pv, pv)
+    return C.reshape(T, d, d)

@@ -1,6 +1,6 @@
 """FreeAct: token-typed activation transforms on FlatQuant's machinery.
 
-Every transformed linear input (qkv, gate/up, down) gets one orthogonal weight-side basis ``Q``
+Every transformed linear input (qkv, gate/up, down, o) gets one orthogonal weight-side basis ``Q``
 (``= P_w^T``; dense ``d x d`` or Kronecker ``Q_l (x) Q_r``, kept orthogonal by
 ``torch.nn.utils.parametrizations.orthogonal`` with the Cayley map) split into a shared block and one
 unique block of rank ``r_k`` per token type; a type-k token's activation ``(x / s) Q`` has the
@@ -8,8 +8,9 @@ coordinates unique to the other types zeroed (:class:`~freeact.transforms.typed.
 before the activation quantizer). The weight side ``W diag(s) Q`` is one static matrix merged into
 the weights (float64) before weight quantization. With KV-cache quantization, the post-RoPE Q/K
 transform is typed the same way (a query/key of type k keeps the shared and type-k coordinates:
-exact when each type has no energy on the others' blocks). The V/O pair keeps FlatQuant's per-head
-transform, orthogonal and untyped.
+exact when each type has no energy on the others' blocks). FlatQuant's per-head ``P_v`` (orthogonal)
+stays fused into v_proj/o_proj, so the V cache is quantized in that basis; o_proj's input then gets its
+own typed site (``o_transform: site``) in place of FlatQuant's online ``P_h``.
 
 Token types come from ``token_types`` (``[mask, unmasked]`` for a dLLM; any N names the adapter
 knows plus one "rest" name; an entry may also be ``{name: ..., ids: [...]}`` for an explicit id
@@ -67,7 +68,7 @@ class FreeAct(FlatQuant):
     """See the module docstring; config keys in ``conf/method/freeact.yaml``."""
 
     DEFAULTS = {**FlatQuant.DEFAULTS, "lr": 1e-3, "matrix": "orthogonal", "token_types": ["mask", "unmasked"],
-                "rank_ratio": 1 / 32, "rank_mode": "fixed", "energy_threshold": 0.01, "max_rank_ratio": 0.25,
+                "o_transform": "site", "rank_ratio": 1 / 32, "rank_mode": "fixed", "energy_threshold": 0.01, "max_rank_ratio": 0.25,
                 "init": "random", "spectral_mix": True, "typed_kv": True, "missing_type": "error"}
     loss_by_type = True
 

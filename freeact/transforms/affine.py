@@ -256,25 +256,26 @@ class AffineSite(_Mergeable):
 # ----------------------------------------------------------------------------- V/O per head
 class HeadwiseVO(_Mergeable):
     """FlatQuant's V/O pair. ``P_v`` (head_dim) is fused into ``v_proj``'s output rows (``v -> v P_v``
-    per KV head, weight and bias) so attention outputs arrive in the ``P_v`` basis; ``o_proj``'s input
-    gets ``P_h`` (num_heads) across heads online; ``o_proj``'s weight gets ``(P_h (x) P_v)^{-T}``.
-    Every query head of a KV group shares that KV head's ``P_v``, so GQA needs nothing special.
+    per KV head, weight and bias) so attention outputs arrive in the ``P_v`` basis; with ``heads=True``
+    ``o_proj``'s input also gets ``P_h`` (num_heads) across heads online. ``o_proj``'s weight gets
+    ``(P_h (x) P_v)^{-T}`` (``P_h = I`` without heads). Every query head of a KV group shares that KV
+    head's ``P_v``, so GQA needs nothing special.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, kind: str = "invertible",
-                 init: str = "random", generator: torch.Generator | None = None, dtype=torch.float32):
+                 init: str = "random", generator: torch.Generator | None = None, heads: bool = True,
+                 dtype=torch.float32):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.kind = kind
-        self.heads = LearnableSquare(num_heads, kind, _init_matrix(num_heads, init, generator), dtype)
+        self.kind, self.has_heads = kind, heads
+        self.heads = LearnableSquare(num_heads, kind, _init_matrix(num_heads, init, generator), dtype) if heads else None
         self.value = LearnableSquare(head_dim, kind, _init_matrix(head_dim, init, generator), dtype)
 
-    def _heads_mat(self) -> Tensor:
-        return self.heads_act if self.merged else self.heads.matrix()
-
     def forward(self, x: Tensor) -> Tensor:
-        """``o_proj``'s input ``(..., heads * head_dim) -> x (P_h (x) I)``."""
-        P = self._heads_mat().to(x.dtype)
+        """``o_proj``'s input ``(..., heads * head_dim) -> x (P_h (x) I)`` (identity without heads)."""
+        if not self.has_heads:
+            return x
+        P = (self.heads_act if self.merged else self.heads.matrix()).to(x.dtype)
         shape = x.shape
         X = x.reshape(*shape[:-1], self.num_heads, self.head_dim)
         return (P.transpose(0, 1) @ X).reshape(shape)
@@ -284,6 +285,11 @@ class HeadwiseVO(_Mergeable):
         hd = Pv.shape[0]
         W = w.reshape(kv, hd, *w.shape[1:])
         return torch.einsum("ij,ki...->kj...", Pv.to(w.dtype), W).reshape(w.shape)
+
+    def _heads_inv_t(self, like: Tensor) -> Tensor:
+        if self.has_heads:
+            return self.heads.inverse_t().to(like.dtype)
+        return torch.eye(self.num_heads, dtype=like.dtype, device=like.device)
 
     def transform_v_weight(self, w: Tensor) -> Tensor:
         self._check_calibrating("v weight side")
@@ -295,12 +301,16 @@ class HeadwiseVO(_Mergeable):
 
     def transform_o_weight(self, w: Tensor) -> Tensor:
         self._check_calibrating("o weight side")
-        return kron_matmul(w, [self.heads.inverse_t().to(w.dtype), self.value.inverse_t().to(w.dtype)])
+        return kron_matmul(w, [self._heads_inv_t(w), self.value.inverse_t().to(w.dtype)])
 
     @torch.no_grad()
     def frozen(self) -> dict:
         self._check_calibrating("transform")
-        (ph, ph_it), (pv, pv_it) = self.heads.frozen(), self.value.frozen()
+        pv, pv_it = self.value.frozen()
+        if self.has_heads:
+            ph, ph_it = self.heads.frozen()
+        else:
+            ph = ph_it = torch.eye(self.num_heads, dtype=torch.float64)
         return {"heads": ph, "value": pv, "o_weight": [ph_it, pv_it]}
 
     def apply_frozen_v(self, frozen: dict, w: Tensor) -> Tensor:
@@ -315,13 +325,15 @@ class HeadwiseVO(_Mergeable):
         if self.merged:
             return
         frozen = frozen or self.frozen()
-        dtype = next(self.heads.parameters()).dtype
-        self.register_buffer("heads_act", frozen["heads"].to(dtype))
+        dtype = next(self.value.parameters()).dtype
+        if self.has_heads:
+            self.register_buffer("heads_act", frozen["heads"].to(dtype))
         del self.heads, self.value
         self.mode = "merged"
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, mode={self.mode}"
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"online_heads={self.has_heads}, mode={self.mode}")
 
 
 # ----------------------------------------------------------------------------- post-RoPE Q/K

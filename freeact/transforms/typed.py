@@ -96,7 +96,6 @@ class TypeMask(nn.Module):
         if not self.has_unique:
             return z
         t = self.token_types.get()
-        self.type_reads += 1
         keep = self.keep[t.to(self.keep.device)]  # (batch, seq, d)
         if z.dim() == t.dim() + 2:  # (batch, heads, seq, d)
             keep = keep.unsqueeze(1)
@@ -106,6 +105,7 @@ class TypeMask(nn.Module):
         if lead != tuple(t.shape):
             raise ValueError(f"token types of shape {tuple(t.shape)} do not match activations of shape "
                              f"{tuple(z.shape)}; the type tensor must be (batch, seq) of the current forward")
+        self.type_reads += 1
         return z * keep.to(z.dtype)
 
     def merge(self, *args) -> None:

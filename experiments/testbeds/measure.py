@@ -1,0 +1,262 @@
+"""Measure the real testbeds on CPU and write results/testbeds.md (+ the raw numbers as JSON).
+
+For each testbed (``model=testbed_dllm``, ``model=testbed_ar``):
+
+1. held-out likelihood on ``wiki.test`` at full precision: the Monte-Carlo ELBO (dLLM) or
+   perplexity (AR), in nats/token and nats/byte; for the dLLM also the unigram baseline (the
+   cross-entropy of the same tokens under the add-one-smoothed token frequencies of the training
+   text, and the test tokens' own unigram entropy, which no unigram model beats);
+2. input-channel outlier ratios of every block linear's input (max over channels of the
+   per-channel max |x|, over the median channel) on ``wiki.valid`` windows; for the dLLM split
+   by token type (masked / unmasked, the windows masked with t ~ U(0, 1) as in calibration);
+3. the method table: FP16 vs W4A4 RTN vs W4A4 QuaRot, each a full freeact run
+   (:func:`freeact.experiment.run_experiment` on the composed configs).
+
+    /work/venv/bin/python experiments/testbeds/measure.py                       # both testbeds
+    /work/venv/bin/python experiments/testbeds/measure.py --testbeds dllm --chunks 4 --mc 4 --no_write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+from activation_stats import input_channel_stats  # noqa: E402
+
+from freeact import config as _config  # noqa: E402,F401  (registers the config schemas)
+from freeact.config import config_hash, validate  # noqa: E402
+from freeact.data.text import chunks, mask_tokens, random_windows, read_text, token_stream  # noqa: E402
+from freeact.experiment import git_commit, load_model, run_experiment  # noqa: E402
+from freeact.methods import method_names  # noqa: E402
+from freeact.models import get_adapter  # noqa: E402
+
+TESTBEDS = {"dllm": "testbed_dllm", "ar": "testbed_ar"}
+# row name -> (method config, quant config, extra overrides)
+METHODS = {
+    "fp16": ("fp16", "w16a16", []),
+    "rtn": ("rtn", "w4a4", []),
+    "quarot_rtn": ("quarot", "w4a4", ["method.weight_algo=rtn"]),
+    "quarot": ("quarot", "w4a4", []),
+}
+METHOD_LABELS = {"fp16": "FP16 (no quantization)", "rtn": "W4A4 RTN",
+                 "quarot_rtn": "W4A4 QuaRot, RTN weights", "quarot": "W4A4 QuaRot, GPTQ weights (paper setting)"}
+GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--testbeds", nargs="+", default=["dllm", "ar"], choices=list(TESTBEDS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=16, help="wiki.test chunks of --seqlen tokens per evaluation")
+    p.add_argument("--ar_fp_chunks", type=int, default=0, help="also the AR FP perplexity on this many chunks (0: all)")
+    p.add_argument("--mc", type=int, default=16, help="Monte-Carlo draws per chunk (dLLM ELBO)")
+    p.add_argument("--stat_windows", type=int, default=8, help="wiki.valid windows for the outlier statistics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_md", default=str(ROOT / "results" / "testbeds.md"))
+    p.add_argument("--out_json", default=str(HERE / "measure_log.json"))
+    p.add_argument("--no_write", action="store_true", help="print only")
+    return p.parse_args(argv)
+
+
+def compose_cfg(model: str, method: str, quant: str, extra: list[str], a) -> object:
+    overrides = [f"model={model}", f"method={method}", f"quant={quant}", f"seed={a.seed}", "progress=false",
+                 f"eval.seqlen={a.seqlen}", f"eval.max_chunks={a.chunks}", f"eval.mc_num={a.mc}", *extra]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def text_bytes(tok, ids: torch.Tensor) -> int:
+    return len(tok.decode(ids.flatten().tolist()).encode("utf-8"))
+
+
+def unigram_baselines(tok, test: torch.Tensor) -> dict:
+    train = torch.cat([token_stream(tok, read_text(s)) for s in ("english.train", "wiki.train")])
+    p = (torch.bincount(train, minlength=len(tok)).double() + 1) / (train.numel() + len(tok))
+    q = torch.bincount(test.flatten(), minlength=len(tok)).double() / test.numel()
+    own = -(q[q > 0] * q[q > 0].log()).sum().item()
+    return {"train_unigram_ce": -p.log()[test.flatten()].mean().item(), "test_unigram_entropy": own}
+
+
+def likelihood_section(name: str, model, tok, a) -> dict:
+    """Evaluated token count, bytes, and (dLLM) the unigram baselines of the evaluated text."""
+    ids = token_stream(tok, read_text("wiki.test"))
+    ev = chunks(ids, a.seqlen, a.chunks)
+    out = {"test_tokens_total": ids.numel(), "eval_tokens": ev.numel(), "eval_bytes": text_bytes(tok, ev)}
+    if name == "dllm":
+        out.update(unigram_baselines(tok, ev))
+    return out
+
+
+def stats_section(name: str, model, tok, a) -> dict:
+    ids = token_stream(tok, read_text("wiki.valid"))
+    x = random_windows(ids, a.stat_windows, a.seqlen, a.seed)
+    adapter = get_adapter(model)
+    if name == "dllm":
+        xin, _ = mask_tokens(x, adapter.mask_token_id, torch.Generator().manual_seed(a.seed + 1))
+        types = (xin == adapter.mask_token_id).long()  # 0 unmasked, 1 mask
+        batches = list(xin.split(2))
+        s = input_channel_stats(model, adapter, batches, list(types.split(2)), ("unmasked", "mask"))
+        frac = types.float().mean().item()
+    else:
+        s = input_channel_stats(model, adapter, list(x.split(2)))
+        frac = None
+    return {"windows": a.stat_windows, "seqlen": a.seqlen, "mask_fraction": frac,
+            "stats": [{"layer": k[0], "input": k[1], "tokens": k[2], **v} for k, v in sorted(s.items())]}
+
+
+def method_rows(name: str, a) -> list[dict]:
+    rows = []
+    for key in a.methods:
+        method, quant, extra = METHODS[key]
+        cfg = compose_cfg(TESTBEDS[name], method, quant, extra, a)
+        specs = validate(cfg, method_names())
+        t0 = time.time()
+        row, model = run_experiment(cfg, specs, config_hash(cfg))
+        del model
+        r = {"row": key, "label": METHOD_LABELS[key], "method": method, "quant": quant,
+             "weight_algo": cfg.method.get("weight_algo"), "nll": row[f"{cfg.eval.name}.nll"],
+             "ppl": row[f"{cfg.eval.name}.ppl"], "eval_tokens": row[f"{cfg.eval.name}.eval_tokens"],
+             "quant_seconds": row["quant_seconds"], "seconds": round(time.time() - t0, 1)}
+        print(f"[{name}] {key}: nll {r['nll']:.4f} ppl {r['ppl']:.2f} ({r['seconds']}s)", flush=True)
+        rows.append(r)
+    return rows
+
+
+def ar_full_fp(a) -> dict | None:
+    cfg = compose_cfg(TESTBEDS["ar"], "fp16", "w16a16", [f"eval.max_chunks={a.ar_fp_chunks or 'null'}"], a)
+    row, _ = run_experiment(cfg, validate(cfg, method_names()), config_hash(cfg))
+    n = cfg.eval.name
+    return {"nll": row[f"{n}.nll"], "ppl": row[f"{n}.ppl"], "eval_tokens": row[f"{n}.eval_tokens"],
+            "chunks": a.ar_fp_chunks or "all"}
+
+
+def measure(a) -> dict:
+    res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": f"{platform.machine()} CPU, "
+           f"{os.cpu_count()} cores ({platform.processor() or 'unknown'})", "torch": torch.__version__,
+           "transformers": transformers.__version__, "git_commit": git_commit(),
+           "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
+           "settings": {k: v for k, v in vars(a).items() if not k.startswith("out")}, "testbeds": {}}
+    for name in a.testbeds:
+        t0 = time.time()
+        cfg = compose_cfg(TESTBEDS[name], "fp16", "w16a16", [], a)
+        validate(cfg, method_names())
+        model, tok = load_model(cfg.model, "cpu", seed=a.seed)
+        c = model.config
+        tb = {"model": TESTBEDS[name], "params": sum(p.numel() for p in model.parameters()),
+              "arch": {k: getattr(c, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "intermediate_size", "vocab_size")}}
+        tb["text"] = likelihood_section(name, model, tok, a)
+        tb["outliers"] = stats_section(name, model, tok, a)
+        print(f"[{name}] loaded, text and outlier statistics in {time.time() - t0:.0f}s", flush=True)
+        del model
+        tb["methods"] = method_rows(name, a)
+        if name == "ar" and a.ar_fp_chunks >= 0:
+            tb["fp_full"] = ar_full_fp(a)
+            print(f"[ar] FP on {tb['fp_full']['chunks']} chunks: ppl {tb['fp_full']['ppl']:.2f}", flush=True)
+        res["testbeds"][name] = tb
+    return res
+
+
+# ---------------------------------------------------------------------------------------- report
+def _f(x, nd=3):
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def render(res: dict) -> str:
+    s = res["settings"]
+    L = ["# Real testbeds: measured", "",
+         f"Generated by `experiments/testbeds/measure.py` on {res['date']}: {res['machine']}, torch "
+         f"{res['torch']}, transformers {res['transformers']}, commit {res['git_commit']}.", "",
+         f"Command: `{res['command']}`", "",
+         f"Settings: held-out text `wiki.test` cut into chunks of {s['seqlen']} tokens, the first {s['chunks']} "
+         f"chunks per row; dLLM ELBO with {s['mc']} Monte-Carlo draws per chunk (stratified, seed of conf/eval/text.yaml); "
+         f"calibration as in `conf/calib/wiki.yaml`; seed {s['seed']}. How the testbeds were made: "
+         "`experiments/testbeds/README.md`.", ""]
+    L += ["## Held-out likelihood at full precision", "",
+          "| testbed | params | evaluated tokens (bytes) | nats/token | nats/byte | perplexity (bound) | "
+          "unigram baseline nats/token (train freq.) | unigram entropy of the text |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, tb in res["testbeds"].items():
+        fp = next((r for r in tb["methods"] if r["row"] == "fp16"), None)
+        t = tb["text"]
+        if fp:
+            L.append(f"| {tb['model']} | {tb['params'] / 1e6:.1f}M | {fp['eval_tokens']:,} ({t['eval_bytes']:,}) | "
+                     f"{_f(fp['nll'])} | {_f(fp['nll'] * fp['eval_tokens'] / t['eval_bytes'])} | {fp['ppl']:.2f} | "
+                     f"{_f(t.get('train_unigram_ce'))} | {_f(t.get('test_unigram_entropy'))} |")
+        if tb.get("fp_full"):
+            f = tb["fp_full"]
+            L.append(f"| {tb['model']} ({f['chunks']} chunks) | | {f['eval_tokens']:,} | {_f(f['nll'])} | | "
+                     f"{f['ppl']:.2f} | | |")
+    L += ["", "For the dLLM the nats/token are the Monte-Carlo ELBO bound (LLaDA's estimator). For the AR model "
+          "nats/byte divides by the bytes of the whole chunks, including each chunk's first token, which is "
+          "not predicted.", ""]
+    L += ["## Methods (W4A4: per-channel symmetric 4-bit weights, per-token symmetric 4-bit activations)", "",
+          "| testbed | row | weights | nats/token | perplexity | increase over FP16 (nats/token) | quantization s |",
+          "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, tb in res["testbeds"].items():
+        fp = next((r["nll"] for r in tb["methods"] if r["row"] == "fp16"), None)
+        for r in tb["methods"]:
+            d = "" if fp is None or r["row"] == "fp16" else f"{r['nll'] - fp:+.3f}"
+            w = "" if r["row"] == "fp16" else r["weight_algo"]
+            L.append(f"| {tb['model']} | {r['label']} | {w} | {_f(r['nll'])} | {r['ppl']:.2f} | {d} | "
+                     f"{r['quant_seconds']:.0f} |")
+    L += [""]
+    for name, tb in res["testbeds"].items():
+        o = tb["outliers"]
+        st = o["stats"]
+        L += [f"## Input-channel outliers: {tb['model']}", "",
+              f"{o['windows']} windows of {o['seqlen']} tokens from `wiki.valid`"
+              + (f", masked with t ~ U(0,1) per window ({o['mask_fraction']:.0%} of the tokens masked)" if
+                 o["mask_fraction"] is not None else "")
+              + ". Ratio = max over input channels of (max over tokens |x|) / its median over channels. "
+                "`qkv` is the input of q/k/v_proj, `gate_up` of gate/up_proj.", ""]
+        if name == "dllm":
+            L += ["| layer | input | ratio, all tokens | ratio, masked | ratio, unmasked | mean abs x, masked | "
+                  "mean abs x, unmasked | top channel |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            idx = {(e["layer"], e["input"], e["tokens"]): e for e in st}
+            for layer in sorted({e["layer"] for e in st}):
+                for g in GROUPS:
+                    a_, m_, u_ = (idx.get((layer, g, k)) for k in ("all", "mask", "unmasked"))
+                    L.append(f"| {layer} | {g} | {a_['ratio']:.1f} | {m_['ratio']:.1f} | {u_['ratio']:.1f} | "
+                             f"{m_['mean_abs']:.3f} | {u_['mean_abs']:.3f} | {a_['top_channel']} |")
+        else:
+            L += ["| layer | " + " | ".join(GROUPS) + " | largest input value |",
+                  "| ---: | " + " | ".join("---:" for _ in GROUPS) + " | ---: |"]
+            idx = {(e["layer"], e["input"]): e for e in st if e["tokens"] == "all"}
+            for layer in sorted({e["layer"] for e in st}):
+                es = [idx[(layer, g)] for g in GROUPS]
+                L.append(f"| {layer} | " + " | ".join(f"{e['ratio']:.1f}" for e in es)
+                         + f" | {max(e['max'] for e in es):.1f} |")
+        big = sorted((e for e in st if e["tokens"] == "all" and e["ratio"] >= 20), key=lambda e: -e["ratio"])
+        L += ["", "Inputs at or above 20x (all tokens): " + (", ".join(
+            f"layer {e['layer']} {e['input']} {e['ratio']:.0f}x" for e in big) or "none") + ".", ""]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    torch.manual_seed(a.seed)
+    res = measure(a)
+    md = render(res)
+    print(md)
+    if not a.no_write:
+        Path(a.out_json).write_text(json.dumps(res, indent=1))
+        Path(a.out_md).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out_md).write_text(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Run lmms-eval (https://github.com/EvolvingLMMs-Lab/lmms-eval, PyPI ``lmms-eval``) on an
+in-memory, possibly quantized, vision-language model.
+
+:class:`FreeactLMMS` is an lmms-eval model ("simple" kind: a text context plus the task's
+``doc_to_visual`` images) that wraps the model object and its processor, so a model quantized by
+freeact is evaluated as it is in memory; prompts use the processor's chat template with the
+images first, as lmms-eval's own Qwen2.5-VL / InternVL wrappers do. :func:`local_tasks` defines
+tasks on a local JSONL folder (``freeact.data.multimodal`` format) with no download;
+:func:`run_lmms_eval` runs any task list and returns flat ``{task.metric: value}``.
+
+Installing lmms-eval
+--------------------
+``pip install lmms-eval`` (0.7.3) pulls in a different torch (and CUDA wheels, torchvision,
+wandb, ...). In an environment whose torch / transformers must stay as they are, install it
+without its dependency set and add the three its evaluator imports need::
+
+    pip install --no-deps lmms-eval==0.7.3
+    pip install --no-deps accelerate loguru tenacity
+
+That is enough for the evaluator, local tasks and metrics; a real suite's own ``utils.py`` may
+import more (e.g. ``pycocoevalcap`` for captioning), which ``pip install --no-deps`` adds as needed.
+This module imports lmms-eval only when called; :func:`lmms_available` tells whether it can.
+
+Running a real suite (README snippet)
+-------------------------------------
+Quantize as a normal run does, keep the model in memory, then hand it to lmms-eval. The
+suite's data must be reachable: a Hugging Face cache that holds its ``dataset_path`` (then set
+``HF_DATASETS_OFFLINE=1``), or network access; a local copy in another format can be given as
+a task YAML directory through ``include_path``::
+
+    from hydra import compose, initialize_config_dir
+    from freeact.config import validate
+    from freeact.eval.lmms_bridge import run_lmms_eval
+    from freeact.experiment import load_model_processor, run_experiment
+    from freeact.methods import method_names
+
+    with initialize_config_dir(config_dir="/abs/path/to/freeact/conf", version_base="1.3"):
+        cfg = compose("config", overrides=["model=qwen2_5_vl_7b", "method=quarot", "quant=w4a4",
+                                           "calib=mm_synthetic", "eval=mm_synthetic"])
+    row, model = run_experiment(cfg, validate(cfg, method_names()), run_hash="lmms")  # quantized
+    metrics = run_lmms_eval(model, load_model_processor(cfg.model),
+                            tasks=["textvqa_val", "docvqa_val", "chartqa", "mmbench_en_dev"],
+                            device="cuda", batch_size=8, max_new_tokens=32)
+
+``tasks`` are lmms-eval task names (``python -m lmms_eval --tasks list``); ``limit=N`` takes the
+first N documents of each. Offline, on the synthetic set or any JSONL folder::
+
+    from freeact.data.multimodal import generate_synthetic_vqa
+    folder = generate_synthetic_vqa("/tmp/vqa", n=48, seed=0)
+    metrics = run_lmms_eval(model, processor, tasks=local_tasks(folder), include_defaults=False)
+
+which reports ``freeact_vqa_open.vqa_acc``, ``freeact_vqa_text.anls`` (greedy answers) and
+``freeact_vqa_mc.acc`` (option log-likelihoods), with the same metric code and prompts as
+:mod:`freeact.eval.multimodal`, so both paths give the same numbers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.multimodal import encode_prompts, load_image, load_records, to_device, tokenizer_of
+from .multimodal import anls, continuation_logprobs, references, vqa_accuracy
+
+#: local task per record type: (name, output type, metric)
+LOCAL_TASKS = {"open": ("freeact_vqa_open", "generate_until", "vqa_acc"),
+               "text": ("freeact_vqa_text", "generate_until", "anls"),
+               "mc": ("freeact_vqa_mc", "multiple_choice", "acc")}
+
+
+def lmms_available() -> bool:
+    """Whether lmms-eval's evaluator imports here (see the module docstring to install it)."""
+    if importlib.util.find_spec("lmms_eval") is None:
+        return False
+    try:
+        import lmms_eval.evaluator  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_lmms():
+    if not lmms_available():
+        raise ImportError("lmms-eval is not importable: pip install --no-deps lmms-eval==0.7.3 accelerate "
+                          "loguru tenacity (see freeact/eval/lmms_bridge.py)")
+
+
+# -- the model ----------------------------------------------------------------------------------
+def _model_class():
+    """The lmms-eval model class (defined on first use: lmms-eval is optional)."""
+    from lmms_eval.api.model import lmms
+
+    class FreeactLMMS(lmms):
+        """An in-memory VLM + its processor as an lmms-eval model (greedy generation)."""
+
+        is_simple = True
+
+        def __init__(self, model, processor, batch_size: int = 8, max_new_tokens: int = 32, device="cpu",
+                     progress: bool = True):
+            super().__init__()
+            self.model, self.processor = model.eval(), processor
+            self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+            self.device, self.progress = device, progress
+
+        def _record(self, context, doc_to_visual, doc_id, task, split) -> dict:
+            visuals = (doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None) or []
+            return {"image": [v if not isinstance(v, (str, Path)) else load_image(v) for v in visuals],
+                    "prompt": context, "id": f"{task}/{doc_id}"}
+
+        def loglikelihood(self, requests):
+            """``(loss, is_greedy)`` per request, the loss being the continuation's summed negative
+            log-likelihood: lmms-eval 0.7's models return a loss here and its multiple-choice
+            scoring takes the argmin. Each pair is wrapped in a ``GenerationResult``: 0.7.3's
+            evaluator turns any other tuple into its ``str``."""
+            from lmms_eval.api.instance import GenerationResult
+
+            rows = []
+            for context, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+                if callable(target):
+                    target = target(self.task_dict[task][split][doc_id])
+                rows.append((self._record(context, doc_to_visual, doc_id, task, split), str(target)))
+            out = []
+            for i in tqdm(range(0, len(rows), self.batch_size), desc="lmms loglikelihood",
+                          disable=not self.progress, leave=False):
+                chunk = rows[i : i + self.batch_size]
+                res = continuation_logprobs(self.model, self.processor, [r for r, _ in chunk],
+                                            [c for _, c in chunk], self.device)
+                out += [GenerationResult((-lp, greedy)) for lp, _, greedy in res]
+            return out
+
+        @torch.no_grad()
+        def generate_until(self, requests):
+            """Greedy answers, batched among requests with the same generation settings."""
+            tok = tokenizer_of(self.processor)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            args = [r.args for r in requests]
+            groups: dict[str, list[int]] = {}
+            for i, a in enumerate(args):
+                groups.setdefault(json.dumps(a[1] or {}, sort_keys=True, default=str), []).append(i)
+            out = [None] * len(args)
+            bar = tqdm(total=len(args), desc="lmms generate", disable=not self.progress, leave=False)
+            for idx in groups.values():
+                gen = dict(args[idx[0]][1] or {})
+                until = gen.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                for j in range(0, len(idx), self.batch_size):
+                    chunk = idx[j : j + self.batch_size]
+                    records = [self._record(c, v, d, t, s) for c, _, v, d, t, s in (args[i] for i in chunk)]
+                    batch = encode_prompts(self.processor, records, padding_side="left")
+                    ids = self.model.generate(**to_device(batch, self.device), do_sample=False, pad_token_id=pad,
+                                              max_new_tokens=int(gen.get("max_new_tokens", self.max_new_tokens)))
+                    texts = tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                    for i, text in zip(chunk, texts):
+                        for stop in until:
+                            text = text.split(stop)[0] if stop else text
+                        out[i] = text.strip()
+                    bar.update(len(chunk))
+            bar.close()
+            return out
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError("multi-round generation is not supported by the freeact bridge")
+
+    return FreeactLMMS
+
+
+def make_lmms_model(model, processor, **kwargs):
+    """An lmms-eval model object for ``model`` (kwargs: batch_size, max_new_tokens, device, progress)."""
+    _require_lmms()
+    return _model_class()(model, processor, **kwargs)
+
+
+# -- local tasks ------------------------------------------------------------------------------
+def _doc_to_visual(doc):
+    return [load_image(doc["image"])]
+
+
+def _doc_to_text(doc):
+    return doc["prompt"]
+
+
+def _open_results(doc, results):
+    return {"vqa_acc": vqa_accuracy(results[0].split("\n")[0].strip(), references(doc))}
+
+
+def _text_results(doc, results):
+    return {"anls": anls(results[0].split("\n")[0].strip(), references(doc))}
+
+
+def local_tasks(folder, max_new_tokens: int = 8) -> list[dict]:
+    """lmms-eval task configs over a local JSONL folder, one per record type present:
+    ``freeact_vqa_open`` (greedy answers, VQA accuracy), ``freeact_vqa_text`` (greedy answers,
+    ANLS) and ``freeact_vqa_mc`` (accuracy of the most likely option). Image paths are made
+    absolute, as :func:`freeact.data.multimodal.load_records` does."""
+    records = load_records(folder)
+    data_file = str(Path(folder) / "data.jsonl") if Path(folder).is_dir() else str(folder)
+    root = Path(data_file).parent
+
+    def of_type(kind):
+        def process(ds):
+            ds = ds.filter(lambda d: (d.get("type") or "open") == kind)
+            return ds.map(lambda d: {"image": str(root / d["image"])})  # absolute stays absolute
+        return process
+
+    tasks = []
+    for kind in sorted({r["type"] for r in records}):
+        name, output_type, metric = LOCAL_TASKS[kind]
+        task = dict(task=name, output_type=output_type, dataset_path="json",
+                    dataset_kwargs={"data_files": {"test": data_file}}, test_split="test",
+                    process_docs=of_type(kind), doc_to_visual=_doc_to_visual, doc_to_text=_doc_to_text,
+                    doc_to_target="answer",
+                    metric_list=[{"metric": metric, "aggregation": "mean", "higher_is_better": True}])
+        if kind == "mc":
+            task.update(doc_to_choice="options", doc_to_target=lambda d: d["options"].index(d["answer"]),
+                        target_delimiter="")
+        else:
+            task.update(process_results=_open_results if kind == "open" else _text_results,
+                        generation_kwargs={"until": ["\n"], "max_new_tokens": max_new_tokens})
+        tasks.append(task)
+    return tasks
+
+
+# -- running ----------------------------------------------------------------------------------
+def _prepare_tasks(lm, task_dict: dict, seed: int) -> None:
+    """What ``lmms_eval.evaluator.simple_evaluate`` does to the tasks before ``evaluate``: the
+    model gets each task's dataset (``doc_to_visual`` reads documents from it), zero-shot unless
+    the task says otherwise, seeded few-shot sampling. (``simple_evaluate`` itself is not used:
+    in 0.7.3 it patches ``filelock._api``, which filelock 4 no longer has.) A task given as a
+    config dict loses its name in 0.7.3's ``TaskManager`` (``config.task`` is None), which the
+    requests then carry: it is put back here."""
+    for name, task in task_dict.items():
+        if isinstance(task, dict):
+            _prepare_tasks(lm, task, seed)
+            continue
+        if isinstance(task, tuple):
+            task = task[1]
+            if task is None:
+                continue
+        if task.config.task is None:
+            task.config.task = name
+        lm.task_dict[name] = task.dataset
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+
+
+def run_lmms_eval(model, processor, tasks: list, limit: int | None = None, batch_size: int = 8,
+                  max_new_tokens: int = 32, device="cpu", include_path: str | None = None,
+                  include_defaults: bool = True, progress: bool = True, seed: int = 1234) -> dict:
+    """Evaluate ``model`` on lmms-eval ``tasks`` (names and/or config dicts such as
+    :func:`local_tasks`); returns ``{"<task>.<metric>": value}`` (stderr entries dropped)."""
+    _require_lmms()
+    import random
+
+    import numpy as np
+    from lmms_eval.evaluator import evaluate
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    lm = make_lmms_model(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                         progress=progress)
+    manager = TaskManager("WARNING", include_path=include_path, include_defaults=include_defaults)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    task_dict = get_task_dict(list(tasks), manager, "simple")
+    _prepare_tasks(lm, task_dict, seed)
+    res = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=False,
+                   verbosity="WARNING", process_docs_parallel=1)
+    out = {}
+    for task, metrics in (res or {}).get("results", {}).items():
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if "stderr" in name or not isinstance(value, (int, float)) or name == "alias":
+                continue
+            out[f"{task}.{name}"] = value
+    return out

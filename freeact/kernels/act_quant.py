@@ -1,0 +1,442 @@
+"""Fused activation side of a Kronecker-transformed linear: transform, type-zeroing, per-token quantization.
+
+For every token ``x`` (width ``d = d_l * d_r``) the kernel computes, in one pass over ``x``:
+
+1. ``x <- x * in_scale`` (optional; FlatQuant/FreeAct's merged ``1 / s``, QuaRot's random signs);
+2. ``y = vec(P_l^T X P_r)`` with ``X = x.reshape(d_l, d_r)`` (row-major) and ``vec`` row-major again,
+   i.e. ``y = x @ (P_l (x) P_r)``: the convention of :func:`freeact.transforms.affine.kron_matmul`
+   (``kron_matmul(x, [P_l, P_r])``), which every :class:`~freeact.transforms.affine.AffineSite` uses;
+   times ``out_mul`` (1 except for the unnormalized Hadamard factors);
+3. FreeAct's type-zeroing ``y <- y * masks[types[token]]`` (``masks``: ``(num_types, d)`` of 0/1, the
+   :class:`~freeact.transforms.typed.TypeMask` ``keep`` rows; ``types``: one index per token);
+4. symmetric per-token quantization with ``bits`` and clip ratio ``clip``:
+   ``s = clip * max|y| / (2^(b-1) - 1)``, ``q = clamp(round(y / s), -2^(b-1), 2^(b-1) - 1)``,
+   output ``q * s`` (fake quant, the numbers of :func:`freeact.quant.quantizer.fake_quant`) or the
+   int8 codes ``q`` and the float32 scales ``s`` (:func:`act_quant_int8`, for the W8A8 path).
+
+``bits >= 16`` skips step 4. :func:`act_quant_eager` is the same math in plain torch (it *is* the
+model's pipeline: ``kron_matmul`` and ``fake_quant`` in the input's dtype), used on CPU and for
+autograd. The Triton kernel mirrors the eager rounding points for half inputs (``P_l^T X`` and
+``y`` are rounded to the input dtype, ``y / s`` too) so the two agree to within rare one-level flips.
+
+**Kernel design.** One program per token. ``X`` (``d_l x d_r``, padded to powers of two >= 16 with
+masked loads) is loaded once; ``Z = P_l^T X`` is one tensor-core ``tl.dot`` (fp32 accumulation) kept
+in registers; ``Y = Z P_r`` is computed by column blocks of ``BN``. When the padded tile fits
+(``DL * DR <= 16384``: d = 4096 as 64x64, 3584 as 56x64 -> 64x64, 12288 as 96x128 -> 128x128,
+14336 as 112x128 -> 128x128) there is a single block and a single pass: dot, mask, row max, quantize,
+store. Larger tiles (d = 18944 as 128x148 -> 128x256) take two passes over the column blocks, the
+second recomputing ``Y`` (cheap on tensor cores) instead of spilling it to memory: the first finds
+``max|y|``, the second quantizes and stores. ``P_l^T``, ``P_r``, the scale vector and the mask rows are
+tiny and stay in L2; HBM traffic is one read of ``x`` and one write of the output.
+Rounding to nearest even uses the ``1.5 * 2^23`` trick (exact for ``|v| < 2^22``; ``|y / s|`` is
+at most ``2^(b-1) / clip``).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from ..quant.act import InputQuantizer, attach_input_quantizer
+from ..quant.quantizer import QuantSpec, fake_quant
+from ..transforms.affine import kron_matmul
+
+try:  # Triton is optional: without it (or without CUDA) everything runs the eager path
+    import triton
+    import triton.language as tl
+except Exception:  # ImportError, or a broken install
+    triton = None
+    tl = None
+
+__all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "FusedInputQuantizer",
+           "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling"]
+
+BACKENDS = ("auto", "triton", "eager")
+MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels can run (Triton imported, and CUDA or the Triton interpreter)."""
+    return triton is not None and (torch.cuda.is_available() or _interpreting())
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def kernel_tiling(d_l: int, d_r: int) -> dict:
+    """The tile the kernel uses for factors ``d_l x d_r``: padded sizes, column block, warps, passes."""
+    DL, DR = max(16, _next_pow2(d_l)), max(16, _next_pow2(d_r))
+    BN = DR if DL * DR <= MAX_FULL_TILE else max(16, min(DR, 8192 // DL))
+    tile = DL * DR
+    warps = 4 if tile <= 4096 else 8 if tile <= MAX_FULL_TILE else 16
+    return {"DL": DL, "DR": DR, "BN": BN, "num_warps": warps, "passes": 1 if BN == DR else 2,
+            "padding": tile / (d_l * d_r)}
+
+
+def _pick_backend(backend: str, x: Tensor, needs_grad: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "eager":
+        return "eager"
+    ok = triton is not None and (x.is_cuda or (_interpreting() and x.device.type == "cpu"))
+    if backend == "triton":
+        if not ok:
+            raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+        if needs_grad:
+            raise RuntimeError("the Triton kernel has no backward: use backend='eager' under autograd")
+        return "triton"
+    return "triton" if (ok and not needs_grad and x.dtype in (torch.float32, *_HALF)) else "eager"
+
+
+def _check_inputs(x: Tensor, P_l: Tensor, P_r: Tensor, masks, types, bits: int, clip: float, in_scale) -> int:
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    d = x.shape[-1]
+    for name, P in (("P_l", P_l), ("P_r", P_r)):
+        if P.dim() != 2 or P.shape[0] != P.shape[1]:
+            raise ValueError(f"{name} must be square, got shape {tuple(P.shape)}")
+    if P_l.shape[0] * P_r.shape[0] != d:
+        raise ValueError(f"d_l * d_r = {P_l.shape[0]} * {P_r.shape[0]} != width {d} of x")
+    if (masks is None) != (types is None):
+        raise ValueError("masks and types go together: give both or neither")
+    if masks is not None:
+        if masks.dim() != 2 or masks.shape[1] != d:
+            raise ValueError(f"masks must be (num_types, {d}), got {tuple(masks.shape)}")
+        if types.numel() != x.numel() // d:
+            raise ValueError(f"{types.numel()} token types for {x.numel() // d} tokens")
+    if in_scale is not None and in_scale.numel() != d:
+        raise ValueError(f"in_scale must have {d} entries, got {in_scale.numel()}")
+    if not 2 <= int(bits) <= 32:
+        raise ValueError(f"bits must be in 2..16 (16+ = no quantization), got {bits}")
+    if not float(clip) > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    return d
+
+
+# ----------------------------------------------------------------------------- eager reference
+def _transform_eager(x2: Tensor, P_l: Tensor, P_r: Tensor, masks, types, in_scale, out_mul: float) -> Tensor:
+    if in_scale is not None:
+        x2 = x2 * in_scale.to(device=x2.device, dtype=x2.dtype)
+    y = kron_matmul(x2, [P_l.to(device=x2.device, dtype=x2.dtype), P_r.to(device=x2.device, dtype=x2.dtype)])
+    if out_mul != 1.0:
+        y = y * out_mul
+    if masks is not None:
+        y = y * masks.to(device=y.device, dtype=y.dtype)[types.reshape(-1).to(y.device).long()]
+    return y
+
+
+def act_quant_eager(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = None, types: Tensor | None = None,
+                    bits: int = 4, clip: float | Tensor = 1.0, in_scale: Tensor | None = None,
+                    out_mul: float = 1.0) -> Tensor:
+    """The reference math in torch, in ``x``'s dtype: ``kron_matmul`` then mask then ``fake_quant``
+    (symmetric, per token). Differentiable (straight-through rounding), any device."""
+    d = _check_inputs(x, P_l, P_r, masks, types, bits, float(clip) if not torch.is_tensor(clip) else 1.0, in_scale)
+    y = _transform_eager(x.reshape(-1, d), P_l, P_r, masks, types, in_scale, out_mul)
+    if bits < 16:
+        y = fake_quant(y, QuantSpec(bits=int(bits), symmetric=True, granularity="row"), clip=clip)
+    return y.reshape(x.shape)
+
+
+def act_quant_int8_eager(x: Tensor, P_l: Tensor, P_r: Tensor, masks=None, types=None, clip: float = 1.0,
+                         in_scale=None, out_mul: float = 1.0, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Integer codes ``(tokens, d)`` int8 and float32 per-token scales: the transform in ``x``'s dtype,
+    then ``s = clip * max|y| / qmax`` and ``q = clamp(round(y / s))`` in float32."""
+    d = _check_inputs(x, P_l, P_r, masks, types, bits, clip, in_scale)
+    if bits > 8:
+        raise ValueError(f"int8 codes need bits <= 8, got {bits}")
+    y = _transform_eager(x.reshape(-1, d), P_l, P_r, masks, types, in_scale, out_mul).float()
+    qmax = 2 ** (bits - 1) - 1
+    s = (y.abs().amax(-1) * float(clip) / qmax).clamp(min=1e-8)
+    q = torch.clamp(torch.round(y / s[:, None]), -qmax - 1, qmax).to(torch.int8)
+    return q, s
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+if triton is not None:
+
+    @triton.jit
+    def _rne(v):
+        """Round to nearest, ties to even (|v| < 2^22)."""
+        return (v + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _round_to(v, HALF: tl.constexpr):
+        """``v`` (float32) rounded to the input's dtype and back: 0 float32 (no-op), 1 float16, 2 bfloat16."""
+        if HALF == 1:
+            v = v.to(tl.float16).to(tl.float32)
+        elif HALF == 2:
+            v = v.to(tl.bfloat16).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, c0, out_mul, il, lmask, DR: tl.constexpr, BN: tl.constexpr,
+                 HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
+        """Columns ``c0 .. c0 + BN`` of ``Y = Z P_r`` (float32), scaled, rounded like eager, masked."""
+        kr = tl.arange(0, DR)
+        cols = c0 + tl.arange(0, BN)
+        cmask = cols < d_r
+        pr = tl.load(pr_ptr + kr[:, None] * d_r + cols[None, :], mask=(kr[:, None] < d_r) & cmask[None, :], other=0.0)
+        if DOT_F32:
+            y = tl.dot(zc, pr, input_precision="ieee")
+        else:
+            y = tl.dot(zc, pr)
+            if SPLIT_Z:
+                y += tl.dot(zlo, pr)
+        y = _round_to(y * out_mul, HALF)
+        if HAS_MASK:
+            flat = il[:, None] * d_r + cols[None, :]
+            m = tl.load(m_ptr + mrow + flat, mask=lmask[:, None] & cmask[None, :], other=0.0)
+            y = y * m.to(tl.float32)
+        return y, cols, cmask
+
+    @triton.jit
+    def _scale_of(amax, clip, qmax, MODE: tl.constexpr, HALF: tl.constexpr):
+        if MODE == 1:  # fake quant: eager's ops in the input dtype
+            xmax = _round_to(amax * clip, HALF)
+            s = tl.maximum(_round_to(tl.div_rn(xmax, qmax), HALF), 1e-8)
+        else:  # int8 codes: float32 scale
+            s = tl.maximum(tl.div_rn(amax * clip, qmax), 1e-8)
+        return s
+
+    @triton.jit
+    def _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE: tl.constexpr, HALF: tl.constexpr):
+        flat = il[:, None] * d_r + cols[None, :]
+        omask = lmask[:, None] & cmask[None, :]
+        if MODE == 0:
+            tl.store(o_ptr + row_o + flat, y.to(o_ptr.dtype.element_ty), mask=omask)
+        elif MODE == 1:
+            v = _round_to(tl.div_rn(y, s), HALF)
+            q = tl.minimum(tl.maximum(_rne(v), -qmax - 1.0), qmax)
+            tl.store(o_ptr + row_o + flat, (q * s).to(o_ptr.dtype.element_ty), mask=omask)
+        else:
+            q = tl.minimum(tl.maximum(_rne(tl.div_rn(y, s)), -qmax - 1.0), qmax)
+            tl.store(o_ptr + row_o + flat, q.to(tl.int8), mask=omask)
+
+    @triton.jit
+    def _kron_act_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
+                         d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
+                         DL: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+                         SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
+        """MODE 0: transform (+mask) only; 1: fake quant (dequantized output); 2: int8 codes + fp32 scales.
+        HALF: the input dtype for eager-like rounding (0 float32, 1 float16, 2 bfloat16)."""
+        row = tl.program_id(0).to(tl.int64)
+        d = d_l * d_r
+        il = tl.arange(0, DL)
+        ir = tl.arange(0, DR)
+        lmask = il < d_l
+        xmask = lmask[:, None] & (ir[None, :] < d_r)
+        flat = il[:, None] * d_r + ir[None, :]
+        x = tl.load(x_ptr + row * stride_x + flat, mask=xmask, other=0.0)
+        if HAS_SCALE:
+            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0)
+            x = (x.to(tl.float32) * sv.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
+        if DOT_F32:
+            z = tl.dot(plt, x, input_precision="ieee")
+            zc = z
+            zlo = z
+        else:
+            z = tl.dot(plt, x)
+            zc = z.to(x_ptr.dtype.element_ty)
+            zlo = zc
+            if SPLIT_Z:
+                zlo = (z - zc.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        mrow = row * 0
+        if HAS_MASK:
+            mrow = tl.load(t_ptr + row).to(tl.int64) * d
+        row_o = row * stride_o
+        NB: tl.constexpr = DR // BN
+        if NB == 1:
+            y, cols, cmask = _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, 0, out_mul, il, lmask, DR, BN, HAS_MASK,
+                                      DOT_F32, SPLIT_Z, HALF)
+            s = 1.0
+            if MODE != 0:
+                s = _scale_of(tl.max(tl.max(tl.abs(y), axis=1), axis=0), clip, qmax, MODE, HALF)
+                if MODE == 2:
+                    tl.store(sc_ptr + row, s)
+            _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
+        else:
+            s = 1.0
+            if MODE != 0:
+                amax_v = tl.zeros([BN], dtype=tl.float32)
+                for b in range(NB):
+                    y, cols, cmask = _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, b * BN, out_mul, il, lmask, DR, BN,
+                                              HAS_MASK, DOT_F32, SPLIT_Z, HALF)
+                    amax_v = tl.maximum(amax_v, tl.max(tl.abs(y), axis=0))
+                s = _scale_of(tl.max(amax_v, axis=0), clip, qmax, MODE, HALF)
+                if MODE == 2:
+                    tl.store(sc_ptr + row, s)
+            for b in range(NB):
+                y, cols, cmask = _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, b * BN, out_mul, il, lmask, DR, BN,
+                                          HAS_MASK, DOT_F32, SPLIT_Z, HALF)
+                _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
+
+
+_HALF_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _launch(x2: Tensor, P_l: Tensor, P_r: Tensor, in_scale, masks, types, mode: int, bits: int, clip: float,
+            out_mul: float = 1.0, split_z: bool = False):
+    """Run the kernel on ``x2`` (tokens, d). Returns the output (mode 0/1) or ``(codes, scales)`` (mode 2)."""
+    T, d = x2.shape
+    dev, dt = x2.device, x2.dtype
+    if dt not in _HALF_CODE:
+        raise TypeError(f"the kernel takes float32/float16/bfloat16 inputs, got {dt}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    f32 = dt == torch.float32
+    plt = P_l.detach().t().to(device=dev, dtype=dt).contiguous()
+    pr = P_r.detach().to(device=dev, dtype=dt).contiguous()
+    sv = in_scale.detach().reshape(-1).to(device=dev, dtype=dt).contiguous() if in_scale is not None else x2
+    mk = masks.detach().to(device=dev, dtype=dt).contiguous() if masks is not None else x2
+    ty = types.reshape(-1).to(device=dev, dtype=torch.int32).contiguous() if types is not None else x2
+    tiling = kernel_tiling(P_l.shape[0], P_r.shape[0])
+    scales = None
+    if mode == 2:
+        out = torch.empty(T, d, device=dev, dtype=torch.int8)
+        scales = torch.empty(T, device=dev, dtype=torch.float32)
+    else:
+        out = torch.empty(T, d, device=dev, dtype=dt)
+    if T > 0:
+        qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
+        _kron_act_kernel[(T,)](
+            x2, plt, pr, sv, mk, ty, out, scales if scales is not None else out,
+            P_l.shape[0], P_r.shape[0], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
+            DL=tiling["DL"], DR=tiling["DR"], BN=tiling["BN"], HAS_SCALE=in_scale is not None,
+            HAS_MASK=masks is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
+            HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
+    return (out, scales) if mode == 2 else out
+
+
+# ----------------------------------------------------------------------------- public API
+def fused_act_quant(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = None, types: Tensor | None = None,
+                    bits: int = 4, clip: float = 1.0, backend: str = "auto", in_scale: Tensor | None = None,
+                    out_mul: float = 1.0, split_z: bool = False) -> Tensor:
+    """``fake_quant(kron_matmul(x * in_scale, [P_l, P_r]) * masks[types])`` per token (see the module doc).
+
+    ``x``: ``(..., d)``; ``P_l``: ``(d_l, d_l)``, ``P_r``: ``(d_r, d_r)`` with ``d_l * d_r = d``;
+    ``masks``: ``(num_types, d)`` 0/1 and ``types``: one type index per token (any shape with that many
+    elements), or both None; ``bits >= 16``: transform and mask only. ``split_z`` carries ``P_l^T X`` in two
+    half words (hi + lo) for near-float32 accuracy (exact +-1 Hadamard factors). ``backend``: "triton" (CUDA, or
+    CPU under ``TRITON_INTERPRET=1``), "eager" (:func:`act_quant_eager`) or "auto" (Triton for CUDA
+    fp16/bf16/fp32 inputs outside autograd, else eager). Returns a tensor shaped and typed like ``x``.
+    """
+    clip_f = float(clip)
+    d = _check_inputs(x, P_l, P_r, masks, types, bits, clip_f, in_scale)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, P_l, P_r, in_scale))
+    if _pick_backend(backend, x, needs_grad) == "eager":
+        return act_quant_eager(x, P_l, P_r, masks, types, bits, clip, in_scale, out_mul)
+    mode = 1 if bits < 16 else 0
+    y = _launch(x.reshape(-1, d), P_l, P_r, in_scale, masks, types, mode, int(bits), clip_f, out_mul, split_z)
+    return y.reshape(x.shape)
+
+
+def act_quant_int8(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = None, types: Tensor | None = None,
+                   clip: float = 1.0, backend: str = "auto", in_scale: Tensor | None = None, out_mul: float = 1.0,
+                   split_z: bool = False, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Transform + mask + per-token symmetric quantization to integer codes: ``(q int8 (tokens, d),
+    s float32 (tokens,))`` with ``x_q ~= q * s[:, None]``. ``split_z`` carries ``P_l^T X`` in two half
+    words (hi + lo) for near-float32 accuracy of the transform (used for Hadamard factors)."""
+    d = _check_inputs(x, P_l, P_r, masks, types, bits, clip, in_scale)
+    if bits > 8:
+        raise ValueError(f"int8 codes need bits <= 8, got {bits}")
+    if _pick_backend(backend, x, False) == "eager":
+        return act_quant_int8_eager(x, P_l, P_r, masks, types, clip, in_scale, out_mul, bits)
+    return _launch(x.reshape(-1, d), P_l, P_r, in_scale, masks, types, 2, int(bits), float(clip), out_mul,
+                   split_z=split_z)
+
+
+# ----------------------------------------------------------------------------- model integration
+def kron_spec(transform) -> dict | None:
+    """What the kernel needs from an online transform module, or None when it cannot run it.
+
+    Recognised: a merged two-factor :class:`~freeact.transforms.affine.AffineSite` (FlatQuant; any
+    per-channel ``1/s``), the same wrapped by :class:`~freeact.transforms.typed.TypeMask` (FreeAct;
+    the ``keep`` rows and the model's token types), and an
+    :class:`~freeact.transforms.hadamard.OnlineHadamard` of a power-of-two width (QuaRot; Sylvester
+    ``H_n = H_a (x) H_b`` as unnormalized +-1 factors, ``out_mul = 1/sqrt(n)``, the signs as ``in_scale``).
+    Returns ``{P_l, P_r, in_scale, masks, token_types, out_mul, split_z}``.
+    """
+    from ..transforms.affine import AffineSite
+    from ..transforms.hadamard import OnlineHadamard
+    from ..transforms.typed import TypeMask
+
+    masks = token_types = None
+    inner = transform
+    if isinstance(transform, TypeMask):
+        inner = transform.inner
+        if transform.has_unique:
+            masks, token_types = transform.keep, transform.token_types
+    if isinstance(inner, AffineSite):
+        if not inner.merged or inner.n_factors != 2:
+            return None
+        return {"P_l": inner.act_0, "P_r": inner.act_1, "in_scale": inner.inv_scale, "masks": masks,
+                "token_types": token_types, "out_mul": 1.0, "split_z": False}
+    if isinstance(inner, OnlineHadamard) and masks is None:
+        from .hadamard import sylvester_factors
+
+        n = inner.n
+        if n & (n - 1) or n < 4:
+            return None
+        H_a, H_b = sylvester_factors(n)
+        return {"P_l": H_a, "P_r": H_b, "in_scale": inner.signs, "masks": None, "token_types": None,
+                "out_mul": 1.0 / math.sqrt(n), "split_z": True}
+    return None
+
+
+class FusedInputQuantizer(InputQuantizer):
+    """An :class:`~freeact.quant.act.InputQuantizer` whose Kronecker transform, type mask and per-token
+    fake quantization run as one kernel (:func:`fused_act_quant`). Built from an installed one with the
+    same spec, transform (kept as a submodule, unused in forward) and learned clip; ``set_act_quant``
+    still switches its quantization. Inference only (the kernel has no backward)."""
+
+    def __init__(self, iq: InputQuantizer, backend: str = "auto"):
+        spec = iq.spec
+        if spec.enabled and not (spec.symmetric and spec.granularity == "row"):
+            raise ValueError(f"the fused kernel quantizes per token, symmetric; got {spec}")
+        ks = kron_spec(iq.transform)
+        if ks is None:
+            raise ValueError(f"no fused kernel for the transform {type(iq.transform).__name__}")
+        super().__init__(spec, iq.transform, learnable_clip=False)
+        self.clip_logit = iq.clip_logit
+        self.quantize = iq.quantize
+        self.backend = backend
+        self.kron = ks
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = self.kron
+        types = k["token_types"].get() if k["masks"] is not None else None
+        bits = self.spec.bits if (self.quantize and self.spec.enabled) else 16
+        clip = self.clip()
+        clip = float(self.spec.clip_ratio if clip is None else clip.detach().reshape(()))
+        return fused_act_quant(x, k["P_l"], k["P_r"], k["masks"], types, bits=bits, clip=clip, backend=self.backend,
+                               in_scale=k["in_scale"], out_mul=k["out_mul"], split_z=k["split_z"])
+
+
+def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Swap every installed input pipeline that the kernel can run for a :class:`FusedInputQuantizer`;
+    returns how many were swapped (the others stay as they are)."""
+    n = 0
+    for lin in list(model.modules()):
+        iq = getattr(lin, "_modules", {}).get("input_quantizer")
+        if not isinstance(iq, InputQuantizer) or isinstance(iq, FusedInputQuantizer) or iq.transform is None:
+            continue
+        spec = iq.spec
+        if spec.enabled and not (spec.symmetric and spec.granularity == "row"):
+            continue
+        if kron_spec(iq.transform) is None:
+            continue
+        attach_input_quantizer(lin, FusedInputQuantizer(iq, backend))
+        n += 1
+    return n

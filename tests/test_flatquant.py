@@ -1,0 +1,225 @@
+"""FlatQuant: Kronecker affine transforms, merge == online, float64 invariance, clipping, training."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from freeact.data.calib import build_calib_set
+from freeact.methods import QuantContext, QuantSettings, get_method
+from freeact.methods.block_training import NonFiniteLossError, full_precision_pass
+from freeact.methods.blockwise import capture_layer0_inputs, run_layer
+from freeact.methods.flatquant import FlatQuant
+from freeact.models import get_adapter
+from freeact.quant.act import set_act_quant
+from freeact.quant.kv import IMPL
+from freeact.quant.quantizer import QuantSpec, fake_quant
+from freeact.quant.rtn import rtn_quantize_weight
+from freeact.transforms.affine import AffineSite, HeadwiseVO, kron_matmul, most_square_factors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box is shared; thread oversubscription costs 10x here
+    yield
+    torch.set_num_threads(n)
+
+
+def make_ctx(model, tokenizer, w=16, a=16, kv=16, n=4, seqlen=24, seed=0):
+    ad = get_adapter(model)
+    calib = build_calib_set(tokenizer, "wiki.train", n, seqlen, seed,
+                            mask_token_id=ad.mask_token_id if ad.objective == "mdm" else None)
+    q = QuantSettings(QuantSpec(w), QuantSpec(a), QuantSpec(kv, symmetric=False))
+    return QuantContext(model, ad, q, calib, batch_size=2, progress=False)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_most_square_factors_and_kron_matmul():
+    assert most_square_factors(224) == (14, 16)
+    assert most_square_factors(592) == (16, 37)
+    assert most_square_factors(128) == (8, 16)
+    assert most_square_factors(37) == (1, 37)
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(16, 16, generator=g, dtype=torch.float64), torch.randn(37, 37, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 5, 592, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(kron_matmul(x, [A, B]), x @ torch.kron(A, B), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("d,structure", [(224, "kronecker"), (592, "kronecker"), (96, "dense")])
+def test_affine_site_weight_side_inverts_activation_side(d, structure):
+    g = torch.Generator().manual_seed(1)
+    site = AffineSite(d, "invertible", structure, scale=torch.rand(d, generator=g, dtype=torch.float64) + 0.5,
+                      generator=g, dtype=torch.float64)
+    with torch.no_grad():  # move away from the orthogonal init: sigma != 1, skew parts != 0
+        for p in site.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    P = kron_matmul(torch.eye(d, dtype=torch.float64), [f.matrix() for f in site.factors]).detach()
+    assert (P @ P.T - torch.eye(d, dtype=torch.float64)).abs().max() > 1e-2  # really not orthogonal
+    x = torch.randn(4, 7, d, generator=g, dtype=torch.float64)
+    W = torch.randn(40, d, generator=g, dtype=torch.float64)
+    y = x @ W.T
+    with torch.no_grad():
+        online = site(x) @ site.transform_weight(W).T
+        frozen = site.frozen()
+        W_merged = AffineSite.apply_frozen_weight(frozen, W)
+        site.merge(frozen)
+        merged = site(x) @ W_merged.T
+    assert rel(online, y) < 1e-10 and rel(merged, y) < 1e-10
+    assert site.merged and not list(site.parameters())
+
+
+def test_headwise_vo_is_exact_with_gqa():
+    g = torch.Generator().manual_seed(2)
+    H, KV, hd, d = 4, 2, 8, 24
+    vo = HeadwiseVO(H, KV, hd, "invertible", generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        for p in vo.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    Wv, bv = torch.randn(KV * hd, d, generator=g, dtype=torch.float64), torch.randn(KV * hd, generator=g, dtype=torch.float64)
+    Wo = torch.randn(d, H * hd, generator=g, dtype=torch.float64)
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    a = torch.softmax(torch.randn(H, 5, 5, generator=g, dtype=torch.float64), -1)
+
+    def attn_out(v):  # (5, KV*hd) -> (5, H*hd), each query head reads its KV group
+        v = v.reshape(5, KV, hd).repeat_interleave(H // KV, dim=1).transpose(0, 1)
+        return (a @ v).transpose(0, 1).reshape(5, H * hd)
+
+    ref = attn_out(x @ Wv.T + bv) @ Wo.T
+    with torch.no_grad():
+        v = x @ vo.transform_v_weight(Wv).T + vo.transform_v_bias(bv)
+        out = vo(attn_out(v)) @ vo.transform_o_weight(Wo).T
+    assert rel(out, ref) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_merged_weights_match_online_transforms(tiny_model, tokenizer, kind):
+    """Calibrating mode (weights transformed on the fly) == merged mode == original, float64, quant off."""
+    model = tiny_model(kind, torch.float64)
+    ctx = make_ctx(model, tokenizer)
+    method = FlatQuant({"kv_transform": True})
+    model.set_attn_implementation(IMPL)
+    hidden, kwargs, _ = capture_layer0_inputs(model, ctx.adapter, ctx.calib.batches(2))
+    block = ctx.adapter.block(0)
+    w0 = {n: l.weight.detach().clone() for n, l in block.linears().items()}
+    targets, stats = full_precision_pass(block, hidden, kwargs, None, None, 1, False, False)
+    plan = method.build_layer(ctx, 0, block, stats)
+    plan.install()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in plan.param_groups()[0]:
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    online = run_layer(block.layer, hidden, kwargs)
+    plan.merge()
+    merged = run_layer(block.layer, hidden, kwargs)
+    for o, m, t in zip(online, merged, targets):
+        assert rel(m, o) < 1e-6 and rel(o, t) < 1e-6
+    assert all((block.linears()[n].weight - w).abs().max() > 1e-3 for n, w in w0.items())  # weights really changed
+    assert block.attn.qkv_hook.qk_transform.merged
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_trained_flatquant_model_is_invariant_in_float64(tiny_model, tokenizer, kind):
+    """Train with activation + KV quantization, then switch quantization off: logits == original."""
+    model = tiny_model(kind, torch.float64)
+    ids = torch.randint(2, 4000, (2, 20))
+    ids[:, ::3] = get_adapter(model).mask_token_id
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    ctx = make_ctx(model, tokenizer, w=16, a=4, kv=4)
+    info = FlatQuant({"epochs": 1, "lr": 1e-2, "batch_size": 2}).apply(ctx)
+    assert info["train_steps"] == 2 * 2 and info["nonfinite"] == "none"
+    with torch.no_grad():
+        quantized = model(input_ids=ids).logits
+        set_act_quant(model, False)
+        out = model(input_ids=ids).logits
+    assert rel(out, ref) < 1e-6
+    assert rel(quantized, ref) > 1e-3  # quantization is really on in the model
+    site = model.model.layers[0].self_attn.q_proj.input_quantizer.transform
+    P = kron_matmul(torch.eye(site.d, dtype=torch.float64), site._act_mats())
+    assert (P @ P.T - torch.eye(site.d, dtype=torch.float64)).abs().max() > 1e-4  # trained away from orthogonal
+
+
+def test_learned_weight_clip_is_what_rtn_quantizes_after_merge(tiny_model, tokenizer):
+    model = tiny_model("llada", torch.float64)
+    ctx = make_ctx(model, tokenizer, w=4, a=16)
+    method = FlatQuant({})
+    model.set_attn_implementation(IMPL)
+    hidden, kwargs, _ = capture_layer0_inputs(model, ctx.adapter, ctx.calib.batches(2))
+    block = ctx.adapter.block(0)
+    _, stats = full_precision_pass(block, hidden, kwargs, None, None, 1, False, False)
+    plan = method.build_layer(ctx, 0, block, stats)
+    plan.install()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for clip in plan.clips.values():  # learned-looking clips, different per row (0.3 .. 0.95)
+            clip.logit_max.copy_(torch.rand(clip.logit_max.shape, generator=g) * 3.8 - 0.85)
+            clip.logit_min.copy_(torch.rand(clip.logit_min.shape, generator=g) * 3.8 - 0.85)
+        trained = {n: l.weight.detach().clone() for n, l in block.linears().items()}  # Q_w(clip(T(W)))
+        unclipped = {n: plan._input_side(n)(l.parametrizations.weight.original) for n, l in block.linears().items()
+                     if n != "v"}
+    plan.merge()
+    for n, lin in block.linears().items():
+        deployed = rtn_quantize_weight(lin.weight.data, ctx.quant.weight)
+        assert (deployed - trained[n]).abs().max() < 1e-5, n
+        if n in unclipped:  # the clip really matters: RTN of the unclipped weight is different
+            assert (fake_quant(unclipped[n], ctx.quant.weight) - trained[n]).abs().max() > 1e-2
+
+
+def test_gptq_weights_after_merge(tiny_model, tokenizer):
+    model = tiny_model("dream", torch.float32)
+    ctx = make_ctx(model, tokenizer, w=4, a=4)
+    FlatQuant({"epochs": 0, "weight_algo": "gptq"}).apply(ctx)
+    for block in ctx.adapter.blocks():
+        for n, lin in block.linears().items():
+            w = lin.weight.detach()
+            levels = max(len(torch.unique(row)) for row in w)
+            assert levels <= 16, (n, levels)  # 4-bit symmetric: at most 16 values per row
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ctx.calib.input_ids[:1]).logits).all()
+
+
+def _nan_on_call(module, call):
+    count = {"n": 0}
+
+    def hook(_, __, out):
+        count["n"] += 1
+        return out * float("nan") if count["n"] == call else out
+
+    return module.register_forward_hook(hook)
+
+
+def test_nonfinite_loss_raises_with_layer_and_step(tiny_model, tokenizer):
+    model = tiny_model("llada")
+    ctx = make_ctx(model, tokenizer, w=4, a=4)
+    # layer 1's down_proj: 2 calls in the full-precision pass, then step 0, 1, 2 of training
+    h = _nan_on_call(ctx.adapter.block(1).down, 2 + 3)
+    with pytest.raises(NonFiniteLossError, match=r"layer 1, epoch 1, batch 0 \(step 2\)"):
+        FlatQuant({"epochs": 2, "batch_size": 2}).apply(ctx)
+    h.remove()
+
+
+def test_nonfinite_loss_keep_last(tiny_model, tokenizer):
+    model = tiny_model("llada")
+    ctx = make_ctx(model, tokenizer, w=4, a=4)
+    h = _nan_on_call(ctx.adapter.block(1).down, 2 + 3)
+    info = FlatQuant({"epochs": 2, "batch_size": 2, "on_nonfinite": "keep_last"}).apply(ctx)
+    h.remove()
+    assert "layer 1" in info["nonfinite"] and "step 2" in info["nonfinite"]
+    assert info["train_steps"] == 4 + 2  # layer 0 trained fully, layer 1 stopped before step 2
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ctx.calib.input_ids[:1]).logits).all()
+
+
+def test_flatquant_config_composes_and_validates(compose):
+    cfg = compose(["model=tiny_dream", "method=flatquant"])
+    m = get_method(cfg.method.name, OmegaConf.to_container(cfg.method))
+    assert isinstance(m, FlatQuant) and m.cfg["lr"] == 5e-3 and m.cfg["smooth_alpha"] == 0.3
+    assert m.train_config().clip_lr_mult == 10
+    with pytest.raises(ValueError, match="method.structure"):
+        FlatQuant({"structure": "banded"})
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        FlatQuant({"on_nonfinite": "ignore"})
+    with pytest.raises(ValueError, match="epochs"):
+        FlatQuant({"epochs": -1})
