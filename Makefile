@@ -25,7 +25,7 @@ demo: setup
 	$(PYTHON) experiments/make_tables.py results/runs.csv --tag demo
 
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PYTHON) -m pytest -n 2 tests
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PYTHON) -m pytest -n 2 tests
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -3,7 +3,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from freeact.data.calib import build_calib_set
+from freeact.data.calib import CalibSet
+from freeact.data.text import mask_tokens, random_windows, read_text, token_stream
 from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.block_training import NonFiniteLossError, full_precision_pass
 from freeact.methods.blockwise import capture_layer0_inputs, run_layer
@@ -14,6 +15,20 @@ from freeact.quant.kv import IMPL
 from freeact.quant.quantizer import QuantSpec, fake_quant
 from freeact.quant.rtn import rtn_quantize_weight
 from freeact.transforms.affine import AffineSite, HeadwiseVO, kron_matmul, most_square_factors
+
+
+_STREAM = {}
+
+
+def build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=None):
+    """As :func:`freeact.data.calib.build_calib_set`, on the first 100k characters (tokenized once)."""
+    if source not in _STREAM:
+        _STREAM[source] = token_stream(tokenizer, read_text(source, max_chars=100_000))
+    clean = random_windows(_STREAM[source], n, seqlen, seed)
+    if mask_token_id is None:
+        return CalibSet(clean, clean)
+    masked, _ = mask_tokens(clean, mask_token_id, torch.Generator().manual_seed(seed + 1))
+    return CalibSet(masked, clean)
 
 
 @pytest.fixture(autouse=True, scope="module")

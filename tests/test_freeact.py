@@ -4,7 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from freeact.data.calib import CalibSet, build_calib_set
+from freeact.data.calib import CalibSet
+from freeact.data.text import mask_tokens, random_windows, read_text, token_stream
 from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.flatquant import FlatQuant
 from freeact.methods.freeact import FreeAct
@@ -16,6 +17,20 @@ from freeact.transforms.affine import AffineSite, random_orthogonal
 from freeact.transforms.typed import TypeMask, owner_from_ranks, ranks_from_ratio, typed_basis
 
 Q4 = QuantSpec(4)
+
+
+_STREAM = {}
+
+
+def build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=None):
+    """As :func:`freeact.data.calib.build_calib_set`, on the first 100k characters (tokenized once)."""
+    if source not in _STREAM:
+        _STREAM[source] = token_stream(tokenizer, read_text(source, max_chars=100_000))
+    clean = random_windows(_STREAM[source], n, seqlen, seed)
+    if mask_token_id is None:
+        return CalibSet(clean, clean)
+    masked, _ = mask_tokens(clean, mask_token_id, torch.Generator().manual_seed(seed + 1))
+    return CalibSet(masked, clean)
 
 
 @pytest.fixture(autouse=True, scope="module")

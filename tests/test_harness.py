@@ -62,6 +62,23 @@ def test_local_tasks_resolve_their_data_from_any_directory(tmp_path, monkeypatch
     assert tasks["freeact_humaneval"].config.process_results is process_code_results  # !function survived
 
 
+def test_user_task_folder_with_relative_data_and_helpers(tmp_path, monkeypatch):
+    user = tmp_path / "mine" / "sub"
+    user.mkdir(parents=True)
+    (user / "d.jsonl").write_text('{"q": "1+1", "a": 0}\n{"q": "2+2", "a": 1}\n')
+    (user / "utils.py").write_text("def shout(ds):\n    return ds.map(lambda d: {'q': d['q'] + '?'})\n")
+    (user / "t.yaml").write_text("task: my_task\ndataset_path: json\n"
+                                 "dataset_kwargs:\n  data_files:\n    test: d.jsonl\n"
+                                 "output_type: multiple_choice\ntest_split: test\nprocess_docs: !function utils.shout\n"
+                                 "doc_to_text: '{{q}} ='\ndoc_to_choice: ['2', '4']\ndoc_to_target: a\n")
+    out = materialize_tasks(tmp_path / "copy", tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    from lm_eval.tasks import TaskManager
+
+    task = TaskManager(include_path=str(out), include_defaults=False).load(["my_task"])["tasks"]["my_task"]
+    assert [task.doc_to_text(d) for d in task.test_docs()] == ["1+1? =", "2+2? ="]
+
+
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_llada"])
 def test_ar_and_dllm_run_mc_and_generation_tasks(name, tokenizer, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -75,7 +92,8 @@ def test_ar_and_dllm_run_mc_and_generation_tasks(name, tokenizer, tmp_path, monk
 
 def test_flatten_results_names():
     raw = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,strict-match": 0.25,
-                             "exact_match_stderr,strict-match": "N/A"}}, "n-samples": {"t": {"original": 9, "effective": 3}}}
+                             "exact_match_stderr,strict-match": "N/A"}},
+           "n-samples": {"t": {"original": 9, "effective": 3}}}
     assert flatten_results(raw) == {"t.acc": 0.5, "t.acc_stderr": 0.1, "t.exact_match.strict-match": 0.25, "t.n": 3}
 
 

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from freeact.data.calib import build_calib_set
+from freeact.data.text import read_text
 from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.smoothquant import input_absmax
 from freeact.methods.spinquant import load_rotations
@@ -63,7 +64,18 @@ def make_model(tokenizer, kind: str, dtype=F64, perturb=True, **arch_overrides):
     return model
 
 
-def calib_for(tokenizer, model, n=4, seqlen=32, seed=0, source="wiki.train"):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Small slices of the shipped corpora (tokenizing the whole files dominates the runtime)."""
+    d = tmp_path_factory.mktemp("corpus")
+    out = {}
+    for name in ("wiki.train", "wiki.valid", "wiki.test"):
+        (d / f"{name}.txt").write_text(read_text(name, max_chars=40_000), encoding="utf-8")
+        out[name] = str(d / f"{name}.txt")
+    return out
+
+
+def calib_for(tokenizer, model, source, n=4, seqlen=32, seed=0):
     a = get_adapter(model)
     return build_calib_set(tokenizer, source, n, seqlen, seed,
                            mask_token_id=a.mask_token_id if a.objective == "mdm" else None)
@@ -85,12 +97,12 @@ def apply_method(model, name, cfg, quant, calib, **ctx_kw):
 
 
 @pytest.fixture(scope="module")
-def models(tokenizer):
+def models(tokenizer, corpus):
     """float64 reference model, calibration set and reference logits per family (built once)."""
     out = {}
     for kind in KINDS:
         m = make_model(tokenizer, kind)
-        calib = calib_for(tokenizer, m)
+        calib = calib_for(tokenizer, m, corpus["wiki.train"])
         ids = calib.input_ids[:2]
         out[kind] = (m, calib, ids, logits(m, ids))
     return out
@@ -112,11 +124,11 @@ def test_norm_fusion_is_exact(models, kind):
     assert err < TOL
 
 
-def test_norm_fusion_unties_tied_embeddings(tokenizer):
+def test_norm_fusion_unties_tied_embeddings(tokenizer, corpus):
     m = make_model(tokenizer, "llama", tie_word_embeddings=True)
     a = get_adapter(m)
     assert a.lm_head().weight is a.embeddings().weight
-    ids = calib_for(tokenizer, m).input_ids[:2]
+    ids = calib_for(tokenizer, m, corpus["wiki.train"]).input_ids[:2]
     ref, emb0 = logits(m, ids), a.embeddings().weight.clone()
     assert fuse_norms(a)["untied_embeddings"] is True
     assert a.lm_head().weight.data_ptr() != a.embeddings().weight.data_ptr()
@@ -233,6 +245,49 @@ def test_spinquant_trained_rotations_are_fused_exactly(models, kind, tmp_path):
         assert torch.allclose(p, p2, atol=1e-10), n
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_spinquant_loss_matches_its_definition(models, kind):
+    """AR: next-token CE. dLLM: CE of masked positions against the clean targets, each divided by
+    its sequence's masking ratio, over all positions; Dream's logits are shifted right by one."""
+    from types import SimpleNamespace
+
+    from freeact.methods.spinquant import calibration_loss
+
+    base, calib, _, _ = models[kind]
+    a = get_adapter(base)
+    ids, tgt = calib.input_ids[:2], calib.targets[:2]
+    raw = torch.randn(*ids.shape, 50, generator=torch.Generator().manual_seed(0), dtype=F64)
+    tgt_small = tgt % 50  # a 50-token vocabulary for the check; the mask id (1) stays as it is
+    ids_small = ids % 50 if a.objective == "ar" else torch.where(ids == a.mask_token_id, ids, ids % 50)
+    assert a.objective == "ar" or a.mask_token_id < 50
+    loss = calibration_loss(a, SimpleNamespace(logits=raw), ids_small, tgt_small).item()
+    logp = raw.log_softmax(-1)
+    if a.objective == "ar":
+        expected = -logp[:, :-1].gather(-1, ids_small[:, 1:, None]).mean().item()
+    else:
+        assert (ids == a.mask_token_id).any()
+        total = 0.0
+        for b in range(ids.shape[0]):
+            masked = (ids_small[b] == a.mask_token_id).nonzero()[:, 0].tolist()
+            t = len(masked) / ids.shape[1]
+            for i in masked:
+                j = i - 1 if (a.shift_logits and i > 0) else i  # Dream: position i is scored by logits[i-1]
+                total += -logp[b, j, tgt_small[b, i]].item() / t
+        expected = total / ids.numel()
+    assert loss == pytest.approx(expected, rel=1e-9)
+
+
+def test_spinquant_training_refuses_layer_streaming(models):
+    from freeact.methods.spinquant import learn_rotations
+
+    base, calib, _, _ = models["llama"]
+    a = get_adapter(base)
+    ctx = QuantContext(base, a, W4A4, calib, progress=False, streaming=True)
+    eye = torch.eye(a.hidden_size, dtype=F64)
+    with pytest.raises(ValueError, match="streaming"):
+        learn_rotations(ctx, eye, [torch.eye(a.head_dim, dtype=F64)] * 2, steps=1)
+
+
 def test_spinquant_rejects_a_mismatched_rotation_file(models, tmp_path):
     a = get_adapter(models["llama"][0])
     torch.save({"R1": torch.eye(a.hidden_size + 1, dtype=F64), "R2": []}, tmp_path / "bad.pt")
@@ -331,11 +386,11 @@ def plant_outliers(model, n=4, lo=50.0, hi=100.0, seed=3):
 
 
 @pytest.mark.parametrize("kind", ["llama", "dream"])
-def test_rotations_beat_rtn_on_planted_outliers(tokenizer, kind):
+def test_rotations_beat_rtn_on_planted_outliers(tokenizer, corpus, kind):
     base = make_model(tokenizer, kind, dtype=torch.float32, perturb=False)
     plant_outliers(base)
-    calib = calib_for(tokenizer, base, n=4, seqlen=64)
-    ids = calib_for(tokenizer, base, n=4, seqlen=64, seed=5, source="wiki.valid").input_ids
+    calib = calib_for(tokenizer, base, corpus["wiki.train"], n=4, seqlen=64)
+    ids = calib_for(tokenizer, base, corpus["wiki.valid"], n=4, seqlen=64, seed=5).input_ids
     ref = logits(base, ids)
     ctx0 = QuantContext(base, get_adapter(base), OFF, calib, batch_size=2, progress=False)
     x = input_absmax(ctx0, {"q": get_adapter(base).blocks()[0].q})["q"]
@@ -356,13 +411,14 @@ def test_rotations_beat_rtn_on_planted_outliers(tokenizer, kind):
 
 # ------------------------------------------------------------------------------ configs end to end
 @pytest.mark.parametrize("method", ["quarot", "spinquant", "smoothquant"])
-def test_configs_run_end_to_end(compose, method, tmp_path):
+def test_configs_run_end_to_end(compose, corpus, method, tmp_path):
     from freeact.config import config_hash, validate
     from freeact.experiment import run_experiment
     from freeact.methods import method_names
 
     over = [f"method={method}", "model=tiny_dream", "quant=w4a4kv4", "progress=false", "calib.nsamples=4",
-            "calib.seqlen=32", "eval.max_chunks=1", "eval.mc_num=2", "eval.seqlen=32"]
+            "calib.seqlen=32", "eval.max_chunks=1", "eval.mc_num=2", "eval.seqlen=32",
+            f"calib.source={corpus['wiki.train']}", f"eval.source={corpus['wiki.test']}"]
     if method == "spinquant":
         over += ["method.steps=2", f"method.save_rotations={tmp_path / 'r.pt'}"]
     cfg = compose(over)

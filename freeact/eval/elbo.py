@@ -47,6 +47,12 @@ def _pad_id(adapter) -> int:
 
 
 def accepts_logits_to_keep(model) -> bool:
+    """Whether ``model.forward`` takes transformers' ``logits_to_keep`` (a boolean 2-D mask is
+    understood by transformers' ``slice_logits_to_keep``; older versions lack it)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
+    except ImportError:
+        return False
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
@@ -64,6 +70,9 @@ def _masked_logits(model, adapter, xin: torch.Tensor, m: torch.Tensor, kw: dict,
     keep = torch.zeros_like(m)
     keep[rows, src] = True
     kept = model(input_ids=xin, use_cache=False, logits_to_keep=keep, **kw).logits  # (keep.sum(), vocab)
+    if kept.dim() != 2 or kept.shape[0] != int(keep.sum()):
+        raise RuntimeError(f"{type(model).__name__} ignored a boolean logits_to_keep (logits {tuple(kept.shape)}); "
+                           "score with restrict_logits=False")
     slot = keep.flatten().cumsum(0) - 1  # row-major rank of each kept position
     return kept.reshape(-1, kept.shape[-1])[slot[rows * width + src]]
 

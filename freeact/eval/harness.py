@@ -22,9 +22,11 @@ is taken as consent (lm-eval's ``confirm_run_unsafe_code``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -56,9 +58,20 @@ def _read_task_yaml(path: Path) -> dict:
         return yaml.load(f, Loader=_TaskLoader)  # noqa: S506  (SafeLoader + one tag)
 
 
+def _task_files(tasks_dir: Path) -> list[Path]:
+    """The YAML files of a task directory, recursively (lm-eval's ``*_yaml`` templates included)."""
+    return sorted(p for p in Path(tasks_dir).rglob("*")
+                  if p.is_file() and (p.suffix in (".yaml", ".yml") or p.name.endswith("_yaml")))
+
+
 def local_task_names(tasks_dir: Path = TASKS_DIR) -> list[str]:
     """Names of the tasks defined by the YAMLs in ``tasks_dir``."""
-    return sorted(_read_task_yaml(p)["task"] for p in tasks_dir.glob("*.yaml"))
+    names = []
+    for p in _task_files(tasks_dir):
+        cfg = _read_task_yaml(p)
+        if isinstance(cfg, dict) and isinstance(cfg.get("task"), str):
+            names.append(cfg["task"])
+    return sorted(names)
 
 
 def _absolute_data_files(data_files, base: Path):
@@ -76,24 +89,36 @@ def _absolute_data_files(data_files, base: Path):
 
 
 def materialize_tasks(dst: Path, tasks_dir: Path = TASKS_DIR) -> Path:
-    """Copy the task YAMLs of ``tasks_dir`` into ``dst`` with absolute ``data_files`` paths.
-    ``!function`` references must name importable modules (``freeact.eval.tasks.utils.f``)."""
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for src in sorted(tasks_dir.glob("*.yaml")):
+    """Copy the task YAMLs (and Python helpers) of ``tasks_dir`` into ``dst``, keeping the folder
+    structure, with ``dataset_kwargs.data_files`` made absolute (relative paths are read as
+    relative to the YAML that names them). The data files themselves are not copied."""
+    src_root, dst = Path(tasks_dir), Path(dst)
+    for src in sorted(p for p in src_root.rglob("*.py") if "__pycache__" not in p.parts):
+        (dst / src.relative_to(src_root)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / src.relative_to(src_root))
+    for src in _task_files(src_root):
         cfg = _read_task_yaml(src)
-        kwargs = cfg.get("dataset_kwargs") or {}
-        if "data_files" in kwargs:
+        kwargs = cfg.get("dataset_kwargs") if isinstance(cfg, dict) else None
+        if isinstance(kwargs, dict) and "data_files" in kwargs:
             kwargs["data_files"] = _absolute_data_files(kwargs["data_files"], src.parent)
-        with open(dst / src.name, "w", encoding="utf-8") as f:
+        out = dst / src.relative_to(src_root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
             yaml.dump(cfg, f, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True)
     return dst
 
 
 # -- running -------------------------------------------------------------------------------
-def _set_offline_defaults() -> None:
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        os.environ.setdefault(var, "1")
+@contextlib.contextmanager
+def offline_defaults():
+    """``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` where unset, for the duration."""
+    unset = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if v not in os.environ]
+    os.environ.update({v: "1" for v in unset})
+    try:
+        yield
+    finally:
+        for v in unset:
+            os.environ.pop(v, None)
 
 
 def make_lm(model, adapter, tokenizer, *, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
@@ -150,7 +175,15 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
     tasks = list(tasks)
     if not tasks:
         raise ValueError("run_harness: no tasks given")
-    _set_offline_defaults()
+    with offline_defaults():
+        return _run_harness(model, adapter, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
+                            batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
+                            block_length=block_length, remasking=remasking, seed=seed, include_path=include_path,
+                            bootstrap_iters=bootstrap_iters, progress=progress, return_raw=return_raw)
+
+
+def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_size, mc_num, gen_length, steps,
+                 block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 

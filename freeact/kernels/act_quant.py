@@ -399,9 +399,14 @@ class FusedInputQuantizer(InputQuantizer):
     """An :class:`~freeact.quant.act.InputQuantizer` whose Kronecker transform, type mask and per-token
     fake quantization run as one kernel (:func:`fused_act_quant`). Built from an installed one with the
     same spec, transform (kept as a submodule, unused in forward) and learned clip; ``set_act_quant``
-    still switches its quantization. Inference only (the kernel has no backward)."""
+    still switches its quantization. Inference only (the kernel has no backward).
 
-    def __init__(self, iq: InputQuantizer, backend: str = "auto"):
+    Linears that read the same input through one pipeline (q/k/v, gate/up) share one instance
+    (``consumers`` of them): the output computed for the first is served to the others when they are
+    called with the very same input tensor (same object, unmodified), then dropped.
+    """
+
+    def __init__(self, iq: InputQuantizer, backend: str = "auto", consumers: int = 1):
         spec = iq.spec
         if spec.enabled and not (spec.symmetric and spec.granularity == "row"):
             raise ValueError(f"the fused kernel quantizes per token, symmetric; got {spec}")
@@ -413,6 +418,13 @@ class FusedInputQuantizer(InputQuantizer):
         self.quantize = iq.quantize
         self.backend = backend
         self.kron = ks
+        self.consumers = int(consumers)
+        self._cache = None  # (x, x._version, types, settings, output, times served)
+
+    def _compute(self, x: Tensor, types, bits: int, clip: float) -> Tensor:
+        k = self.kron
+        return fused_act_quant(x, k["P_l"], k["P_r"], k["masks"], types, bits=bits, clip=clip, backend=self.backend,
+                               in_scale=k["in_scale"], out_mul=k["out_mul"], split_z=k["split_z"])
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.kron
@@ -420,14 +432,23 @@ class FusedInputQuantizer(InputQuantizer):
         bits = self.spec.bits if (self.quantize and self.spec.enabled) else 16
         clip = self.clip()
         clip = float(self.spec.clip_ratio if clip is None else clip.detach().reshape(()))
-        return fused_act_quant(x, k["P_l"], k["P_r"], k["masks"], types, bits=bits, clip=clip, backend=self.backend,
-                               in_scale=k["in_scale"], out_mul=k["out_mul"], split_z=k["split_z"])
+        if self.consumers <= 1 or (torch.is_grad_enabled() and x.requires_grad):
+            return self._compute(x, types, bits, clip)
+        c = self._cache
+        if c is not None and c[0] is x and c[1] == x._version and c[2] is types and c[3] == (bits, clip):
+            served = c[5] + 1
+            self._cache = None if served >= self.consumers else (*c[:5], served)
+            return c[4]
+        out = self._compute(x, types, bits, clip)
+        self._cache = (x, x._version, types, (bits, clip), out, 1)
+        return out
 
 
 def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
-    """Swap every installed input pipeline that the kernel can run for a :class:`FusedInputQuantizer`;
-    returns how many were swapped (the others stay as they are)."""
-    n = 0
+    """Swap every installed input pipeline that the kernel can run for a :class:`FusedInputQuantizer`
+    (linears that shared one pipeline share the fused one); returns how many linears were switched
+    (the others stay as they are)."""
+    todo = []
     for lin in list(model.modules()):
         iq = getattr(lin, "_modules", {}).get("input_quantizer")
         if not isinstance(iq, InputQuantizer) or isinstance(iq, FusedInputQuantizer) or iq.transform is None:
@@ -437,6 +458,13 @@ def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
             continue
         if kron_spec(iq.transform) is None:
             continue
-        attach_input_quantizer(lin, FusedInputQuantizer(iq, backend))
-        n += 1
-    return n
+        todo.append((lin, iq))
+    consumers: dict[int, int] = {}
+    for _, iq in todo:
+        consumers[id(iq)] = consumers.get(id(iq), 0) + 1
+    fused: dict[int, FusedInputQuantizer] = {}  # one fused pipeline per shared original (q/k/v, gate/up)
+    for lin, iq in todo:
+        if id(iq) not in fused:
+            fused[id(iq)] = FusedInputQuantizer(iq, backend, consumers[id(iq)])
+        attach_input_quantizer(lin, fused[id(iq)])
+    return len(todo)

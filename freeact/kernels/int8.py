@@ -97,11 +97,11 @@ if triton is not None:
         a_ptrs = a_ptr + (rm % M)[:, None].to(tl.int64) * stride_am + rk[None, :]
         b_ptrs = b_ptr + (rn % N)[None, :].to(tl.int64) * stride_bn + rk[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.int32)
-        for k in range(0, tl.cdiv(K, BK)):
-            kmask = rk < K - k * BK
+        for k0 in range(0, K, BK):
+            kmask = rk < K - k0
             a = tl.load(a_ptrs, mask=kmask[None, :], other=0)
             b = tl.load(b_ptrs, mask=kmask[:, None], other=0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptrs += BK
             b_ptrs += BK
         sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)

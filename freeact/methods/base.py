@@ -9,9 +9,14 @@ online activation / KV-cache quantization. ``Method.apply`` runs them in that or
 2. attach an :class:`InputQuantizer` (transform + activation fake-quant) to every block linear;
 3. quantize every block linear's weight (the LM head and embeddings stay in full precision);
 4. install the KV-cache / post-RoPE hook when KV quantization or a Q/K transform is asked for.
+
+With ``ctx.streaming`` the whole of ``apply`` (a subclass's own ``apply`` too) runs inside
+:func:`~freeact.methods.streaming.streaming_context`: the model stays on the CPU and one decoder layer
+at a time is paged onto ``ctx.device`` (see :mod:`freeact.methods.streaming`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +31,7 @@ from ..quant.kv import QKVHook, install_qkv_hooks
 from ..quant.quantizer import QuantSpec
 from ..quant.rtn import rtn_quantize_weight
 from .blockwise import capture_inputs, capture_layer0_inputs, run_layer
+from .streaming import CACHES, resident, streaming_context
 
 _METHODS: dict[str, type["Method"]] = {}
 
@@ -69,10 +75,27 @@ class QuantContext:
     input_transforms: dict = field(default_factory=dict)  # nn.Linear -> nn.Module
     qk_transform: object = None  # callable () -> nn.Module applied to post-RoPE q and k
     learnable_act_clip: bool = False
+    streaming: bool = False  # keep the model on the CPU, page one decoder layer at a time onto `device`
+    stream_cache: str = "device"  # streaming: calibration hidden states on the device or in "pinned" CPU memory
+
+    def __post_init__(self):
+        if self.stream_cache not in CACHES:
+            raise ValueError(f"stream_cache must be one of {CACHES}, got {self.stream_cache!r}")
 
 
 # Linears of one block in GPTQ's "true sequential" order.
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def _streamed(apply):
+    """Run ``apply(ctx)`` inside :func:`streaming_context` (a no-op unless ``ctx.streaming``)."""
+    @functools.wraps(apply)
+    def wrapper(self, ctx, *args, **kwargs):
+        with streaming_context(ctx):
+            return apply(self, ctx, *args, **kwargs)
+
+    wrapper._freeact_streamed = True
+    return wrapper
 
 
 class Method:
@@ -82,12 +105,19 @@ class Method:
     def __init__(self, cfg: dict | None = None):
         self.cfg = dict(cfg or {})
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("apply")
+        if fn is not None and not getattr(fn, "_freeact_streamed", False):
+            cls.apply = _streamed(fn)
+
     # -- to override ------------------------------------------------------------------------
     def transform(self, ctx: QuantContext) -> dict:
         """Apply the method's transforms; return info for the result row."""
         return {}
 
     # -- shared pipeline --------------------------------------------------------------------
+    @_streamed
     def apply(self, ctx: QuantContext) -> dict:
         if not self.quantizes:
             return {}
@@ -113,8 +143,9 @@ class Method:
     def rtn(self, ctx: QuantContext) -> None:
         mse = bool(self.cfg.get("mse_clip", False))
         for block in tqdm(ctx.adapter.blocks(), desc="rtn", disable=not ctx.progress, leave=False):
-            for lin in block.linears().values():
-                lin.weight.data = rtn_quantize_weight(lin.weight.data, ctx.quant.weight, mse_clip=mse)
+            with resident(ctx.model, block.layer):
+                for lin in block.linears().values():
+                    lin.weight.data = rtn_quantize_weight(lin.weight.data, ctx.quant.weight, mse_clip=mse)
 
     @torch.no_grad()
     def gptq(self, ctx: QuantContext) -> None:
@@ -122,18 +153,21 @@ class Method:
             raise ValueError("GPTQ needs calibration data")
         model, adapter = ctx.model, ctx.adapter
         set_act_quant(model, False)
-        hidden, kwargs, types = capture_layer0_inputs(model, adapter, ctx.calib.batches(ctx.batch_size), ctx.device)
+        offload = ctx.streaming and ctx.stream_cache == "pinned"
+        hidden, kwargs, types = capture_layer0_inputs(model, adapter, ctx.calib.batches(ctx.batch_size), ctx.device,
+                                                      offload=offload)
         tt = getattr(model, "freeact_token_types", None)
         opts = dict(damp=float(self.cfg.get("damp", 0.01)), block_size=int(self.cfg.get("block_size", 128)),
                     act_order=bool(self.cfg.get("act_order", False)), mse_clip=bool(self.cfg.get("mse_clip", False)))
         for i, block in enumerate(tqdm(adapter.blocks(), desc="gptq", disable=not ctx.progress, leave=False)):
-            lins = block.linears()
-            for group in SEQUENTIAL_GROUPS:
-                todo = {n: lins[n] for n in group if n in lins}
-                acc = {n: HessianAccumulator(l.in_features, l.weight.device) for n, l in todo.items()}
-                with capture_inputs(todo, lambda n, x: acc[n].add(x)):
-                    run_layer(block.layer, hidden, kwargs, types, tt)
-                for n, lin in todo.items():
-                    lin.weight.data = gptq_quantize_weight(lin.weight.data, acc[n].H, ctx.quant.weight, **opts)
-            hidden = run_layer(block.layer, hidden, kwargs, types, tt)
+            with resident(model, block.layer):  # streaming: this layer on the device (Hessians too)
+                lins = block.linears()
+                for group in SEQUENTIAL_GROUPS:
+                    todo = {n: lins[n] for n in group if n in lins}
+                    acc = {n: HessianAccumulator(l.in_features, l.weight.device) for n, l in todo.items()}
+                    with capture_inputs(todo, lambda n, x: acc[n].add(x)):
+                        run_layer(block.layer, hidden, kwargs, types, tt)
+                    for n, lin in todo.items():
+                        lin.weight.data = gptq_quantize_weight(lin.weight.data, acc[n].H, ctx.quant.weight, **opts)
+                hidden = run_layer(block.layer, hidden, kwargs, types, tt)
         set_act_quant(model, True)

@@ -22,20 +22,25 @@ def model_inputs(batch, device) -> dict:
 
 
 @torch.no_grad()
-def capture_layer0_inputs(model, adapter, batches, device="cpu"):
+def capture_layer0_inputs(model, adapter, batches, device="cpu", offload: bool = False):
     """Run the model up to its first decoder layer for each batch: a tensor of input ids, or a
     dict of model inputs (a VLM's processor output: input_ids, pixel_values, ...).
 
     Returns ``(hidden, kwargs, types)``: per batch, the hidden states entering layer 0, the
     keyword arguments the layers are called with (RoPE cos/sin, attention mask ...), and the
     token-type tensor (None unless the model carries :class:`~freeact.models.token_types.TokenTypes`).
+    ``offload``: keep the hidden states in pinned CPU memory (layer-wise streaming moves each batch to
+    the device when a layer is called; see :mod:`freeact.methods.streaming`).
     """
     layer0 = adapter.layers()[0]
     tt = getattr(model, "freeact_token_types", None)
     hidden, kwargs, types = [], [], []
 
     def hook(_, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        h = args[0] if args else kw.pop("hidden_states")
+        if offload:
+            h = torch.empty(h.shape, dtype=h.dtype, pin_memory=torch.cuda.is_available()).copy_(h)
+        hidden.append(h)
         kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
         types.append(None if tt is None else tt.current)
         raise _Stop

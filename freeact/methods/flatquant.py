@@ -4,8 +4,9 @@ Per decoder layer (see :mod:`freeact.transforms.affine` for the pieces):
 
 * ``qkv``: ``x -> (x / s) (P_l (x) P_r)`` online on the input of q/k/v, weight side fused into q/k/v;
 * ``mlp``: the same on the input of gate/up; ``down``: the same on the input of down_proj;
-* ``vo``: per-head ``P_v`` fused into v_proj (output) and o_proj (input), online ``P_h`` across
-  heads on o_proj's input;
+* ``vo``: per-head ``P_v`` fused into v_proj (output) and o_proj (input), and on o_proj's input
+  either FlatQuant's online ``P_h`` across heads (``o_transform: heads``) or a full site like the
+  three above (``o_transform: site``; what FreeAct types);
 * ``k``: orthogonal per-head transform of post-RoPE Q and K (installed when the KV cache is
   quantized, or ``kv_transform: true``), through the attention's :class:`~freeact.quant.kv.QKVHook`;
 * learnable per-channel scaling (SmoothQuant init, ``smooth_alpha`` 0.3), learnable weight clipping
@@ -27,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.act import InputQuantizer, attach_input_quantizer
+from ..quant.act import attach_input_quantizer
 from ..quant.kv import IMPL, QKVHook
 from ..transforms.affine import (KINDS, STRUCTURES, AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
-                                 WeightClip, merge_linear, smooth_scale)
+                                 SharedInputQuantizer, WeightClip, merge_linear, smooth_scale)
 from ..transforms.fusion import fuse_norm_into_linears
 from .base import Method, QuantContext, register_method
 from .block_training import NONFINITE_MODES, TrainConfig, train_blockwise
@@ -68,10 +69,12 @@ class LayerTransforms:
         self.clips = {n: WeightClip(l.out_features, dtype=l.weight.dtype).to(l.weight.device)
                       for n, l in self.lins.items()} if (lwc and quant.weight.enabled) else {}
         learn = lac and quant.act.enabled
-        self.iqs = {name: InputQuantizer(quant.act, site, learnable_clip=learn) for name, site in sites.items()}
+        device = block.q.weight.device
+        self.iqs = {name: SharedInputQuantizer(quant.act, site, learnable_clip=learn).to(device)
+                    for name, site in sites.items()}
         if "o" not in sites:
-            self.iqs["o"] = InputQuantizer(quant.act, vo if (vo is not None and vo.has_heads) else None,
-                                           learnable_clip=learn)
+            online = vo if (vo is not None and vo.has_heads) else None
+            self.iqs["o"] = SharedInputQuantizer(quant.act, online, learnable_clip=learn).to(device)
         self.info = info or {}
 
     def _site_of(self, name: str) -> str:
@@ -119,6 +122,8 @@ class LayerTransforms:
             if fvo is not None and n == "o":
                 inp = _compose(lambda w: HeadwiseVO.apply_frozen_o(fvo, w), inp)
             merge_linear(lin, inp, out, bias, self.clips.get(n), self.quant.weight)
+        for iq in self.iqs.values():
+            iq.clear()
         for name, site in self.sites.items():
             site.merge(frozen[name])
         if self.vo is not None:
@@ -129,7 +134,8 @@ class LayerTransforms:
 
 @register_method("flatquant")
 class FlatQuant(Method):
-    """See the module docstring; config keys in ``conf/method/flatquant.yaml``."""
+    """See the module docstring; config keys in ``conf/method/flatquant.yaml``. ``DEFAULTS`` are the
+    published settings (15 epochs); the YAML lowers ``epochs`` so tiny models run in seconds."""
 
     DEFAULTS = dict(weight_algo="rtn", epochs=15, lr=5e-3, clip_lr_mult=10.0, weight_decay=0.0, batch_size=4,
                     on_nonfinite="raise", matrix="invertible", structure="kronecker", matrix_init="random",

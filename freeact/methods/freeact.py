@@ -67,9 +67,10 @@ def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
 class FreeAct(FlatQuant):
     """See the module docstring; config keys in ``conf/method/freeact.yaml``."""
 
-    DEFAULTS = {**FlatQuant.DEFAULTS, "lr": 1e-3, "matrix": "orthogonal", "token_types": ["mask", "unmasked"],
-                "o_transform": "site", "rank_ratio": 1 / 32, "rank_mode": "fixed", "energy_threshold": 0.01, "max_rank_ratio": 0.25,
-                "init": "random", "spectral_mix": True, "typed_kv": True, "missing_type": "error"}
+    DEFAULTS = {**FlatQuant.DEFAULTS, "lr": 1e-3, "matrix": "orthogonal", "o_transform": "site",
+                "token_types": ["mask", "unmasked"], "rank_ratio": 1 / 32, "rank_mode": "fixed",
+                "energy_threshold": 0.01, "max_rank_ratio": 0.25, "init": "random", "spectral_mix": True,
+                "typed_kv": True, "missing_type": "error"}
     loss_by_type = True
 
     def _check(self) -> None:
@@ -94,6 +95,9 @@ class FreeAct(FlatQuant):
     # -- token types ------------------------------------------------------------------------------
     def prepare(self, ctx: QuantContext) -> dict:
         rules = token_type_rules(ctx.adapter, list(self.cfg["token_types"]))
+        old = getattr(ctx.model, "freeact_token_types", None)
+        if old is not None:
+            old.detach()
         self.token_types = TokenTypes(rules).attach(ctx.model)
         counts = self.token_types.counts(self.token_types.compute(ctx.calib.input_ids))
         missing = [n for n, c in counts.items() if c == 0]
@@ -110,7 +114,7 @@ class FreeAct(FlatQuant):
 
     # -- typed transforms -----------------------------------------------------------------------
     def _ranks_and_basis(self, d: int, covs, counts, generator):
-        """(ranks, spectral basis or None, other-type energy at init or None)."""
+        """(ranks, spectral basis or None, which types have statistics or None)."""
         n = self.token_types.num_types
         present = [int(c) > 0 for c in counts] if counts is not None else None
         if self.cfg["rank_mode"] == "fixed":
@@ -152,7 +156,7 @@ class FreeAct(FlatQuant):
     @torch.no_grad()
     def _dense_basis(site: AffineSite) -> torch.Tensor:
         mats = site.frozen()["act"]
-        return kron_matmul(torch.eye(site.d, dtype=torch.float64), mats)
+        return kron_matmul(torch.eye(site.d, dtype=torch.float64, device=mats[0].device), mats)
 
     def make_k_transform(self, ctx, i: int, head_dim: int, stats):
         gen = self._generator(ctx, i, 4)

@@ -11,8 +11,9 @@ R1/R2 come from):
    ``auto`` = on exactly when the KV cache is quantized;
 5. R1 (random Hadamard, d x d) on the residual stream and R2 (Hadamard, head_dim) on every
    layer's values / o_proj input, fused in float64 (:mod:`freeact.transforms.rotation`);
-6. the online rotation on o_proj's input (``o_online``: ``auto`` = QuaRot's cross-head Hadamard
-   when the head count is a Hadamard order, else a full-width one), fused as ``W_o <- W_o M``.
+6. the online rotation M on o_proj's input (``o_online``: ``auto`` = QuaRot's cross-head Hadamard
+   when the head count is a Hadamard order, else a full-width one; ``none``). It is registered
+   before step 5 (so SpinQuant's training sees it) and fused after R2: ``W_o <- W_o (I (x) R2) M``.
 
 Then the shared pipeline quantizes activations (after the online transforms) and weights
 (GPTQ by default, ``weight_algo: rtn`` for RTN).

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .base import Method, QuantContext, register_method
-from .blockwise import capture_inputs
+from .blockwise import capture_inputs, model_inputs
 
 MIN_SCALE = 1e-5
 
@@ -41,8 +41,8 @@ def input_absmax(ctx: QuantContext, linears: dict[str, torch.nn.Linear]) -> dict
         stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
     with capture_inputs(linears, record):
-        for ids in ctx.calib.batches(ctx.batch_size):
-            ctx.model(input_ids=ids.to(ctx.device), use_cache=False)
+        for batch in ctx.calib.batches(ctx.batch_size):
+            ctx.model(**model_inputs(batch, ctx.device), use_cache=False)
     return stats
 
 

@@ -57,18 +57,22 @@ SPINQUANT_DEFAULTS = {
 
 
 # ------------------------------------------------------------------------------- loss
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def calibration_loss(adapter, out, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """Cross-entropy of one batch (see the module docstring); None if nothing is scored."""
     if adapter.objective == "mdm":
         masked = input_ids == adapter.mask_token_id
         if not masked.any():
             return None
-        logits = adapter.logits(out).float()
+        logits = _upcast(adapter.logits(out))
         ratio = masked.float().mean(dim=1)  # per-sequence masking ratio t
         rows = masked.nonzero()[:, 0]
         ce = F.cross_entropy(logits[masked], targets[masked], reduction="none") / ratio[rows]
         return ce.sum() / input_ids.numel()
-    logits = out.logits.float()
+    logits = _upcast(out.logits)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
 
 
@@ -130,6 +134,9 @@ def learn_rotations(ctx: QuantContext, R1: torch.Tensor, R2: list[torch.Tensor],
     """Cayley-SGD training of R1 / R2 (cosine lr schedule). Returns float64 CPU matrices and losses."""
     if ctx.calib is None:
         raise ValueError("SpinQuant needs calibration data to learn its rotations (or load_rotations)")
+    if getattr(ctx, "streaming", False):
+        raise ValueError("SpinQuant's rotation training runs the whole model on the device: use streaming=false "
+                         "(or load_rotations to skip training)")
     model, adapter = ctx.model, ctx.adapter
     device = adapter.embeddings().weight.device
     R1p = nn.Parameter(R1.to(device=device, dtype=torch.float64).clone())

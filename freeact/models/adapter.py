@@ -85,6 +85,11 @@ class ModelAdapter:
     def lm_head(self) -> nn.Linear:
         raise NotImplementedError
 
+    def residual_writers(self) -> list[nn.Linear]:
+        """Linears outside the decoder blocks whose outputs enter the residual stream directly
+        (besides the embedding table), e.g. a VLM's projector. Residual rotations rotate them too."""
+        return []
+
     # -- geometry ---------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:

@@ -42,10 +42,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
+from ..quant.act import InputQuantizer
 from ..quant.quantizer import QuantSpec, fake_quant
 
 __all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "smooth_scale", "LearnableSquare",
-           "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear"]
+           "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear",
+           "SharedInputQuantizer"]
 
 KINDS = ("invertible", "orthogonal")
 STRUCTURES = ("kronecker", "dense")
@@ -436,3 +438,33 @@ def merge_linear(linear: nn.Linear, input_side=None, output_side=None, bias_side
     if bias_side is not None and linear.bias is not None:
         b = linear.bias.data
         linear.bias.data = bias_side(b.to(torch.float64)).to(b.dtype)
+
+
+class SharedInputQuantizer(InputQuantizer):
+    """One :class:`~freeact.quant.act.InputQuantizer` shared by the linears that read the same tensor
+    (q/k/v, gate/up): the online transform and the activation fake quant run once per forward.
+
+    A call with the very tensor of the previous call (same object, not modified in place), the same
+    token-type tensor, unchanged parameters and switches returns the previous output; anything else
+    recomputes. :meth:`clear` drops the cached tensors.
+    """
+
+    _memo = None
+
+    def _key(self):
+        tt = getattr(self.transform, "token_types", None)
+        return (self.quantize, torch.is_grad_enabled(), getattr(self.transform, "mode", None),
+                tuple(p._version for p in self.parameters()), None if tt is None else tt.current)
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = self._key()
+        memo = self._memo
+        if (memo is not None and memo[0] is x and memo[1] == x._version and memo[2][:-1] == key[:-1]
+                and memo[2][-1] is key[-1]):
+            return memo[3]
+        out = super().forward(x)
+        self._memo = (x, x._version, key, out)
+        return out
+
+    def clear(self) -> None:
+        self._memo = None

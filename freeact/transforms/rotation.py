@@ -31,8 +31,9 @@ fusion gives ``W_o <- W_o (I (x) R_v) M``, exact for any orthogonal ``M``. With 
 cross-head transform at run time; when the head count has no Hadamard matrix (7 heads), a
 full-width :class:`~freeact.transforms.hadamard.OnlineHadamard` is used instead.
 
-Every function here is also differentiable (no in-place ops) except the ``apply_*`` ones, so
-SpinQuant's training step builds its rotated weights with the same code that fuses them.
+The tensor maps here are differentiable (no in-place ops; only ``apply_residual_rotation`` and
+``fuse_online_rotation`` write into the model), so SpinQuant's training step builds its rotated
+weights with the same code that fuses them.
 """
 from __future__ import annotations
 
@@ -160,6 +161,11 @@ def apply_residual_rotation(adapter, Q: Tensor | None, R: Tensor | list | None =
             raise ValueError("the LM head shares the embedding matrix: fuse_norms (which unties them) first")
         emb = adapter.embeddings().weight
         _assign(emb, rotate_input_side(emb.to(torch.float64), Q.to(emb.device, torch.float64)))
+        for writer in adapter.residual_writers():  # e.g. a VLM's projector: its output enters the residual
+            Qd = Q.to(writer.weight.device, torch.float64)
+            _assign(writer.weight, rotate_output_side(writer.weight.to(torch.float64), Qd))
+            if writer.bias is not None:
+                _assign(writer.bias, rotate_output_bias(writer.bias.to(torch.float64), Qd))
     for block, r in zip(blocks, R):
         if r is not None:
             check_orthogonal(r, "head rotation")

@@ -1,0 +1,377 @@
+"""Calibration cost of every method on 7-8B configurations, on one GPU; rows go to results/perf.csv.
+
+Models (random weights from the hand-written configs below; no hub access):
+
+* ``llada_8b``: LLaDA-8B (d 4096, 32 layers, 32 heads, FFN 12288, vocab 126464, bidirectional, mask 126336);
+* ``dream_7b``: Dream-7B = Qwen2.5-7B layout (d 3584, 28 layers, 28 heads / 4 KV, FFN 18944, vocab 152064,
+  qkv biases, bidirectional, mask 151666);
+* ``qwen2_5_vl_7b``: Qwen2.5-VL-7B's language model (same dims as Dream, causal; FreeAct's token types
+  are image placeholder (151655) vs text; a quarter of every calibration sequence is image tokens).
+
+Methods with their published settings: ``rtn``; ``gptq``; ``quarot`` (random Hadamard, GPTQ weights with
+MSE clip, act clip 0.9); ``flatquant`` and ``freeact`` (block-wise training, 15 epochs, batch 4);
+W4A4, 128 calibration sequences x 2048 tokens by default.
+
+**What is timed.** A 10-minute job cannot calibrate all layers of a learned method, so the model is
+built with ``--layers k`` decoder layers (plus the real embeddings and LM head) and calibrated
+entirely; :class:`~freeact.methods.streaming.LayerTimeline` splits the wall time into the part before
+the first layer starts (capture, fusions, rotations) and one segment per layer. The per-layer figure
+is the mean segment (the first excluded when ``k >= 2``; the last one includes the final weight
+quantization pass). The full-model figure, labelled ``extrapolated``, is
+``prefix + num_layers x per_layer`` (and ``x 15 / epochs`` when fewer epochs are timed).
+Peak GPU memory is ``torch.cuda.max_memory_allocated`` during calibration; without streaming it grows
+with the layers on the device, so its extrapolation adds ``(num_layers - k)`` layers' weights.
+With streaming (``--streaming auto``: GPTQ, FlatQuant, FreeAct) the model stays on the CPU and one layer
+at a time is on the GPU (:mod:`freeact.methods.streaming`); the peak does not grow with depth.
+
+**Evaluation overhead.** One forward of ``--eval-tokens`` tokens before calibration (bf16) and after it
+(fake quant: online transforms + activation quantizers, eager), and after
+:func:`~freeact.kernels.fuse_input_quantizers` (the fused Triton kernel). CUDA events around every
+decoder layer separate the layers from the rest (embeddings, LM head), so the full-depth ratio
+``(rest + L x layer_q) / (rest + L x layer_bf16)`` is extrapolated too.
+
+Targets printed at the end: FreeAct on an 8B model <= 30 min and <= 40 GB peak; fake-quant evaluation
+<= 1.5x the bf16 forward.
+
+    PYTHONPATH=. python experiments/bench_cost.py [--quick] [--models llada_8b,dream_7b,qwen2_5_vl_7b]
+        [--methods rtn,gptq,quarot,flatquant,freeact] [--layers 1] [--nsamples 128] [--seqlen 2048]
+        [--epochs 15] [--budget-s 480] [--out results/perf.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (str(ROOT), str(Path(__file__).resolve().parent)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from bench_kernels import append_rows, env_info  # noqa: E402
+
+from freeact.data.calib import CalibSet  # noqa: E402
+from freeact.data.text import mask_tokens  # noqa: E402
+from freeact.kernels import fuse_input_quantizers  # noqa: E402
+from freeact.methods import QuantContext, QuantSettings, get_method, method_names  # noqa: E402
+from freeact.methods.streaming import LayerTimeline  # noqa: E402
+from freeact.models import get_adapter  # noqa: E402
+from freeact.models.dllm import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM  # noqa: E402
+from freeact.quant.quantizer import QuantSpec  # noqa: E402
+
+GB = 2**30
+IMAGE_TOKEN = 151655  # Qwen2.5-VL <|image_pad|>
+
+MODELS = {
+    "llada_8b": dict(family="llada", layers=32, cfg=dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=126464, max_position_embeddings=4096, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, mask_token_id=126336, bos_token_id=126080,
+        eos_token_id=126081, pad_token_id=126081)),
+    "dream_7b": dict(family="dream", layers=28, cfg=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, mask_token_id=151666, bos_token_id=151643,
+        eos_token_id=151643, pad_token_id=151643)),
+    "qwen2_5_vl_7b": dict(family="causal_qwen2", layers=28, cfg=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+        pad_token_id=151643)),
+}
+METHODS = {  # published settings; epochs filled from --epochs
+    "rtn": {},
+    "gptq": {},
+    "quarot": {},
+    "flatquant": {"epochs": 15},
+    "freeact": {"epochs": 15},
+}
+LEARNED = ("flatquant", "freeact")
+STREAM_AUTO = ("gptq", "flatquant", "freeact")
+TARGETS = {"freeact_minutes": 30.0, "freeact_peak_gb": 40.0, "eval_overhead": 1.5}
+
+
+# ----------------------------------------------------------------------------- models and data
+TINY = dict(hidden_size=256, intermediate_size=592, num_attention_heads=4, num_key_value_heads=2)
+
+
+def build_model(name: str, layers: int, device: str = "cuda", seed: int = 0, tiny: bool = False):
+    """The model of ``name`` with ``layers`` decoder layers, random weights, bf16, built on ``device``
+    (``tiny``: small widths, same vocabulary and token ids, for a CPU dry run of this script)."""
+    spec = MODELS[name]
+    cfg = dict(spec["cfg"], num_hidden_layers=layers, **(TINY if tiny else {}))
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # init directly in bf16 on the GPU: seconds, not minutes
+    try:
+        with torch.device(device):
+            if spec["family"] == "llada":
+                model = LLaDAModelLM(LLaDAConfig(**cfg))
+            elif spec["family"] == "dream":
+                model = DreamModelLM(DreamConfig(**cfg))
+            else:
+                from transformers import Qwen2Config, Qwen2ForCausalLM
+
+                model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+    finally:
+        torch.set_default_dtype(prev)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"random init left non-finite parameters: {bad[:3]}")
+    return model.to(torch.bfloat16).eval()
+
+
+def calib_set(name: str, model, nsamples: int, seqlen: int, seed: int = 0) -> CalibSet:
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    clean = torch.randint(0, min(vocab, 120000), (nsamples, seqlen), generator=g)
+    mask_id = getattr(model.config, "mask_token_id", None)
+    if mask_id is not None:  # dLLM: per-sequence masking ratio t ~ U(0, 1)
+        masked, _ = mask_tokens(clean, mask_id, g, 0.0, 1.0)
+        return CalibSet(masked, clean)
+    ids = clean.clone()
+    span = seqlen // 4  # a VLM prompt: one image's placeholder tokens, then text
+    starts = torch.randint(0, seqlen - span + 1, (nsamples,), generator=g)
+    for i, s in enumerate(starts.tolist()):
+        ids[i, s:s + span] = IMAGE_TOKEN
+    return CalibSet(ids, ids)
+
+
+def method_cfg(method: str, model_name: str, epochs: int) -> dict:
+    cfg = dict(METHODS[method])
+    if method in LEARNED:
+        cfg["epochs"] = epochs
+    if method == "freeact" and MODELS[model_name]["family"] == "causal_qwen2":
+        cfg["token_types"] = [{"name": "image", "ids": [IMAGE_TOKEN]}, "text"]
+    return cfg
+
+
+# ----------------------------------------------------------------------------- forward timing
+class ForwardProbe:
+    """Stamps (CUDA events; wall clock on CPU) around every decoder layer: ``(total_ms, layers_ms)``
+    of one forward, medians over ``repeats`` after two warm-up forwards."""
+
+    def __init__(self, adapter, device: str):
+        self.layers = list(adapter.layers())
+        self.cuda = device.startswith("cuda")
+
+    def _stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
+
+    @torch.no_grad()
+    def time(self, model, ids: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
+        stamps, hs = [], []
+        for l in self.layers:
+            hs.append(l.register_forward_pre_hook(lambda *a: stamps.append(self._stamp())))
+            hs.append(l.register_forward_hook(lambda *a: stamps.append(self._stamp())))
+        try:
+            for _ in range(2):
+                model(input_ids=ids, use_cache=False)
+            totals, layer_sums = [], []
+            for _ in range(repeats):
+                stamps.clear()
+                a = self._stamp()
+                model(input_ids=ids, use_cache=False)
+                b = self._stamp()
+                if self.cuda:
+                    torch.cuda.synchronize()
+                totals.append(self._ms(a, b))
+                layer_sums.append(sum(self._ms(stamps[i], stamps[i + 1]) for i in range(0, len(stamps) - 1, 2)))
+        finally:
+            for h in hs:
+                h.remove()
+        return statistics.median(totals), statistics.median(layer_sums)
+
+
+def extrapolated_ratio(t_q, l_q, t_b, l_b, k: int, L: int) -> float:
+    rest = max(t_b - l_b, 0.0)
+    return (rest + L * l_q / k) / (rest + L * l_b / k)
+
+
+# ----------------------------------------------------------------------------- one measurement
+def layer_bytes(adapter) -> int:
+    layer = adapter.layers()[0]
+    return sum(p.numel() * p.element_size() for p in layer.parameters())
+
+
+def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict], dict]:
+    k, L, dev = args.layers, MODELS[model_name]["layers"], args.device
+    cuda = dev.startswith("cuda")
+    t_build = time.perf_counter()
+    model = build_model(model_name, k, dev, tiny=args.tiny)
+    adapter = get_adapter(model)
+    _sync(dev)
+    t_build = time.perf_counter() - t_build
+    calib = calib_set(model_name, model, args.nsamples, args.seqlen, seed=0)
+    eval_ids = calib.input_ids[:1, : args.eval_tokens].to(dev)
+    probe = ForwardProbe(adapter, dev)
+    t_b, l_b = probe.time(model, eval_ids)
+    lbytes = layer_bytes(adapter)
+    streaming = method in STREAM_AUTO if args.streaming == "auto" else args.streaming == "on"
+    if streaming:
+        model.to("cpu")
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    q = QuantSettings(QuantSpec(bits=4), QuantSpec(bits=4), QuantSpec(bits=16, symmetric=False))
+    ctx = QuantContext(model, adapter, q, calib, device=dev, batch_size=4, seed=0, progress=args.progress,
+                       streaming=streaming, stream_cache="device")
+    cfg = method_cfg(method, model_name, args.epochs)
+    with LayerTimeline(adapter) as tl:
+        info = get_method(method, cfg).apply(ctx)
+        tl.stop()
+    wall = tl.t_end - tl.t0
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    segs = tl.segments()
+    per_layer = statistics.mean(segs[1:] if len(segs) >= 2 else segs) if segs else 0.0
+    epoch_scale = (15 / args.epochs) if (method in LEARNED and args.epochs not in (0, 15)) else 1.0
+    total_x = tl.prefix() + L * per_layer * epoch_scale
+    peak_x = peak if streaming else peak + (L - k) * lbytes
+    if streaming:
+        model.to(dev)
+    t_q, l_q = probe.time(model, eval_ids)
+    n_fused = fuse_input_quantizers(model)
+    t_f, l_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"))
+    ratio_x = extrapolated_ratio(t_q, l_q, t_b, l_b, k, L)
+    ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
+    label = "extrapolated" + (f" (layers {k}->{L}" + (f", epochs {args.epochs}->15" if epoch_scale != 1 else "") + ")")
+    common = dict(base, bench="cost", model=model_name, method=method, tokens=args.nsamples * args.seqlen,
+                  shape=f"{args.nsamples}x{args.seqlen}, layers timed {k}/{L}")
+    note = f"streaming={streaming} tf32={args.tf32} epochs={cfg.get('epochs', '-')} batch=4"
+    rows = [dict(common, metric="calib_wall_s_measured", value=round(wall, 2), unit="s", note=note),
+            dict(common, metric="calib_prefix_s", value=round(tl.prefix(), 2), unit="s",
+                 note="before the first layer: capture, fusions, rotations"),
+            dict(common, metric="calib_per_layer_s", value=round(per_layer, 2), unit="s",
+                 note="segments " + "|".join(f"{s:.2f}" for s in segs)),
+            dict(common, metric="calib_total_s", value=round(total_x, 1), unit="s", note=label),
+            dict(common, metric="peak_gpu_gb_measured", value=round(peak / GB, 2), unit="GiB", note=note),
+            dict(common, metric="peak_gpu_gb", value=round(peak_x / GB, 2), unit="GiB",
+                 note="measured (streaming: independent of depth)" if streaming else f"{label}: + layer weights"),
+            dict(common, metric="model_build_s", value=round(t_build, 2), unit="s"),
+            dict(common, metric="eval_bf16_ms", value=round(t_b, 3), unit="ms",
+                 note=f"1x{eval_ids.shape[1]} tokens; layers {l_b:.3f} ms"),
+            dict(common, metric="eval_fakequant_ms", value=round(t_q, 3), unit="ms", note=f"layers {l_q:.3f} ms"),
+            dict(common, metric="eval_overhead_layer", value=round(l_q / l_b, 3), unit="x", note="eager"),
+            dict(common, metric="eval_overhead", value=round(ratio_x, 3), unit="x", note=f"eager; {label}")]
+    if n_fused:
+        rows += [dict(common, metric="eval_fused_ms", value=round(t_f, 3), unit="ms",
+                      note=f"{n_fused} fused input quantizers; layers {l_f:.3f} ms"),
+                 dict(common, metric="eval_overhead_fused", value=round(ratio_fx, 3), unit="x",
+                      note=f"fused kernel; {label}")]
+    summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=per_layer * epoch_scale,
+                   total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
+                   layer_ratio=l_q / l_b, info_keys=len(info))
+    del model, adapter, ctx
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows, summary
+
+
+def _sync(dev: str) -> None:
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- report
+def print_table(summaries: list[dict]) -> None:
+    print("\n| model | method | streaming | layers timed | s / layer | total (extrapolated) | peak GPU GiB "
+          "(measured / full depth) | eval overhead eager / fused (layer eager) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s in summaries:
+        fused = f"{s['ratio_f']:.2f}x" if not math.isnan(s["ratio_f"]) else "-"
+        print(f"| {s['model']} | {s['method']} | {'yes' if s['streaming'] else 'no'} | {s['k']}/{s['L']} | "
+              f"{s['per_layer']:.1f} | {s['total'] / 60:.1f} min | {s['peak']:.1f} / {s['peak_x']:.1f} | "
+              f"{s['ratio']:.2f}x / {fused} ({s['layer_ratio']:.2f}x) |")
+    print("\nTargets:")
+    fa = [s for s in summaries if s["method"] == "freeact" and s["model"] == "llada_8b"] or \
+         [s for s in summaries if s["method"] == "freeact"]
+    for s in fa:
+        mins = s["total"] / 60
+        print(f"  FreeAct {s['model']}: calibration {mins:.1f} min (extrapolated) <= {TARGETS['freeact_minutes']:.0f} min: "
+              f"{'MET' if mins <= TARGETS['freeact_minutes'] else 'NOT MET'}; peak {s['peak_x']:.1f} GiB <= "
+              f"{TARGETS['freeact_peak_gb']:.0f} GB: {'MET' if s['peak_x'] <= TARGETS['freeact_peak_gb'] else 'NOT MET'}")
+    if not fa:
+        print("  FreeAct: not measured")
+    for s in summaries:
+        if s["method"] in ("quarot", "flatquant", "freeact"):
+            best = min(s["ratio"], s["ratio_f"]) if not math.isnan(s["ratio_f"]) else s["ratio"]
+            print(f"  eval overhead {s['model']}/{s['method']}: eager {s['ratio']:.2f}x, best {best:.2f}x <= "
+                  f"{TARGETS['eval_overhead']}x: {'MET' if best <= TARGETS['eval_overhead'] else 'NOT MET'}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llada_8b,dream_7b,qwen2_5_vl_7b")
+    ap.add_argument("--methods", default="freeact,flatquant,quarot,gptq,rtn")
+    ap.add_argument("--layers", type=int, default=1, help="decoder layers built and calibrated (k)")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=15, help="epochs timed for the learned methods (scaled to 15)")
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--streaming", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--tf32", choices=("on", "off"), default="off",
+                    help="TF32 matmuls (the learned methods train in float32)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip what starts after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 8 sequences unless given, 1 layer")
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "results" / "perf.csv"))
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of this script (with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="small widths (dry run of the script, not a measurement)")
+    args = ap.parse_args(argv)
+    if args.quick and "--nsamples" not in " ".join(sys.argv):
+        args.nsamples = 8
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("bench_cost needs a CUDA GPU (--device cpu --tiny is a dry run of the script only)")
+    unknown = [m for m in args.methods.split(",") if m not in METHODS or m not in method_names()]
+    if unknown:
+        raise SystemExit(f"unknown or unregistered methods {unknown}; registered: {method_names()}")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    base = env_info()
+    print(f"device: {base['device']} | torch {base['torch']} | triton {base['triton']} | transformers "
+          f"{base['transformers']} | {args.nsamples}x{args.seqlen} calibration tokens, {args.layers} layer(s) timed, "
+          f"epochs {args.epochs}, tf32 {args.tf32}")
+    t0 = time.time()
+    summaries, skipped = [], []
+    for method in args.methods.split(","):
+        for model_name in args.models.split(","):
+            if time.time() - t0 > args.budget_s:
+                skipped.append(f"{model_name}/{method}")
+                continue
+            t1 = time.time()
+            try:
+                rows, s = run_one(model_name, method, args, base)
+            except torch.cuda.OutOfMemoryError as e:
+                print(f"{model_name}/{method}: out of memory ({e})")
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            append_rows(args.out, rows)
+            summaries.append(s)
+            print(f"{model_name:14s} {method:9s} wall {s['wall']:7.1f} s | {s['per_layer']:6.2f} s/layer | "
+                  f"total {s['total'] / 60:6.1f} min (extrapolated) | peak {s['peak']:.1f} GiB "
+                  f"(full depth {s['peak_x']:.1f}) | eval x{s['ratio']:.2f} eager, x{s['ratio_f']:.2f} fused "
+                  f"| {time.time() - t1:.0f} s", flush=True)
+    if skipped:
+        print(f"skipped (budget {args.budget_s:.0f} s): {', '.join(skipped)}")
+    print(f"rows appended to {args.out}; {time.time() - t0:.0f} s")
+    print_table(summaries)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Kernels (freeact.kernels) and layer-wise streaming (freeact.methods.streaming).
+
+CPU: the eager fallbacks equal the model's own pipeline and the reference math (Kronecker convention,
+per-token quantization, Hadamard factors), the W8A8 integer path is exact against float64 integer
+math, and streaming calibration gives the same quantized model as the non-streaming path.
+CUDA (skipped without a GPU): the Triton kernels agree with the eager versions to tolerance.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+from freeact.data.calib import CalibSet
+from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
+                             hadamard_transform, int_mm, quantize_rows_int8)
+from freeact.kernels.act_quant import FusedInputQuantizer, kernel_tiling, kron_spec
+from freeact.kernels.hadamard import sylvester_factors
+from freeact.kernels.int8 import int8_matmul, int_mm_reference
+from freeact.methods import QuantContext, QuantSettings, get_method
+from freeact.methods.streaming import LayerStreamer, LayerTimeline, active_streamer
+from freeact.models import get_adapter
+from freeact.models.token_types import TokenTypes
+from freeact.quant.act import InputQuantizer, input_quantizers
+from freeact.quant.quantizer import QuantSpec
+from freeact.transforms.affine import AffineSite, random_orthogonal
+from freeact.transforms.hadamard import OnlineHadamard, fast_hadamard_transform, hadamard_matrix
+from freeact.transforms.typed import TypeMask, owner_from_ranks
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread is fastest, and far faster on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _typed_site(d, ranks, dtype=torch.float32, seed=0):
+    """A merged FreeAct site: Kronecker orthogonal basis with per-channel scale, typed by `ranks`."""
+    g = _gen(seed)
+    scale = torch.rand(d, generator=g, dtype=F64) + 0.5
+    site = AffineSite(d, "orthogonal", "kronecker", scale=scale, learn_scale=False, generator=g, dtype=dtype)
+    site.merge()
+    tt = TokenTypes([("mask", [7]), ("rest", None)])
+    return TypeMask(site, owner_from_ranks(d, ranks), tt), tt
+
+
+# ----------------------------------------------------------------------------- act kernel: eager path
+def test_kronecker_convention_is_x_times_kron():
+    """y = vec(P_l^T X P_r), X the row-major (d_l, d_r) reshape == x @ kron(P_l, P_r) == kron_matmul."""
+    d_l, d_r = 6, 10
+    x = torch.randn(5, d_l * d_r, dtype=F64, generator=_gen(1))
+    P_l, P_r = torch.randn(d_l, d_l, dtype=F64, generator=_gen(2)), torch.randn(d_r, d_r, dtype=F64, generator=_gen(3))
+    y = fused_act_quant(x, P_l, P_r, bits=16, backend="eager")
+    explicit = torch.stack([(P_l.T @ t.reshape(d_l, d_r) @ P_r).reshape(-1) for t in x])
+    torch.testing.assert_close(y, explicit, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, x @ torch.kron(P_l, P_r), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(y, x @ torch.kron(P_r, P_l))  # the factor order matters
+
+
+def test_eager_quantization_formula():
+    """Symmetric per-token: s = clip * max|y| / (2^(b-1)-1), q = clamp(round(y/s)), mask before the max."""
+    d_l, d_r, bits, clip = 4, 8, 4, 0.8
+    x = torch.randn(6, 32, dtype=F64, generator=_gen(4))
+    P_l, P_r = random_orthogonal(d_l, _gen(5)), random_orthogonal(d_r, _gen(6))
+    masks = torch.ones(2, 32, dtype=F64)
+    masks[1, -5:] = 0
+    types = torch.tensor([0, 1, 1, 0, 1, 0])
+    out = fused_act_quant(x, P_l, P_r, masks, types, bits=bits, clip=clip, backend="eager")
+    y = (x @ torch.kron(P_l, P_r)) * masks[types]
+    qmax = 2 ** (bits - 1) - 1
+    s = clip * y.abs().amax(-1, keepdim=True) / qmax
+    ref = torch.clamp(torch.round(y / s), -qmax - 1, qmax) * s
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert (out[types == 1][:, -5:] == 0).all() and (out[types == 0][:, -5:] != 0).any()
+    assert out.unique().numel() > 2 * qmax  # several scales, not a constant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_eager_equals_freeact_input_pipeline(dtype):
+    """The eager fallback is exactly the model's InputQuantizer(TypeMask(merged AffineSite))."""
+    d = 224  # 14 x 16 like the tiny Dream width
+    site, tt = _typed_site(d, [7, 7], dtype=dtype)
+    spec = QuantSpec(bits=4, clip_ratio=0.9)
+    iq = InputQuantizer(spec, site)
+    x = torch.randn(2, 9, d, dtype=dtype, generator=_gen(8))
+    types = torch.randint(0, 2, (2, 9), generator=_gen(9))
+    with tt.use(types):
+        ref = iq(x)
+        ks = kron_spec(site)
+        out = fused_act_quant(x, ks["P_l"], ks["P_r"], ks["masks"], types, bits=4, clip=0.9,
+                              in_scale=ks["in_scale"], backend="eager")
+        fused = FusedInputQuantizer(iq, backend="eager")(x)
+    assert torch.equal(out, ref) and torch.equal(fused, ref)
+    assert ks["P_l"].shape == (14, 14) and ks["P_r"].shape == (16, 16)
+
+
+def test_fuse_input_quantizers_keeps_freeact_logits(tiny_model):
+    """Swapping a FreeAct model's input pipelines for the fused ones (eager backend) changes nothing."""
+    model = tiny_model("dream")
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 500, (2, 24), generator=_gen(10))
+    ids[:, ::3] = adapter.mask_token_id
+    ctx = QuantContext(model, adapter, QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16)), CalibSet(ids, ids),
+                       batch_size=2, progress=False)
+    get_method("freeact", {"epochs": 1}).apply(ctx)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        n = fuse_input_quantizers(model, backend="eager")
+        out = model(input_ids=ids).logits
+    fused = [l.input_quantizer for b in adapter.blocks() for l in b.linears().values()
+             if isinstance(l.input_quantizer, FusedInputQuantizer)]
+    assert n == len(fused) == 7 * len(adapter.layers())  # q, k, v, o, gate, up, down
+    assert len(input_quantizers(model)) == 4 * len(adapter.layers())
+    b = adapter.blocks()[0]
+    assert b.q.input_quantizer is b.k.input_quantizer is b.v.input_quantizer  # one pipeline per shared input
+    assert b.q.input_quantizer.consumers == 3 and b.gate.input_quantizer.consumers == 2
+    assert len({id(m) for m in fused}) == 4 * len(adapter.layers())
+    assert torch.equal(out, ref)
+    with torch.no_grad():  # the shared-input cache never serves a stale output
+        assert torch.equal(model(input_ids=ids.flip(0)).logits, ref.flip(0))
+
+
+def test_act_inputs_are_checked():
+    x = torch.randn(3, 12)
+    with pytest.raises(ValueError, match="d_l"):
+        fused_act_quant(x, torch.eye(3), torch.eye(5))
+    with pytest.raises(ValueError, match="together"):
+        fused_act_quant(x, torch.eye(3), torch.eye(4), masks=torch.ones(2, 12))
+    with pytest.raises(ValueError, match="backend"):
+        fused_act_quant(x, torch.eye(3), torch.eye(4), backend="cuda")
+
+
+def test_kernel_tiling_covers_8b_widths():
+    t = kernel_tiling(64, 64)  # 4096
+    assert (t["DL"], t["DR"], t["BN"], t["passes"], t["padding"]) == (64, 64, 64, 1, 1.0)
+    assert kernel_tiling(56, 64)["passes"] == 1 and kernel_tiling(112, 128)["passes"] == 1
+    big = kernel_tiling(128, 148)  # 18944
+    assert big["passes"] == 2 and big["DR"] == 256 and big["DL"] * big["BN"] <= 8192
+
+
+# ----------------------------------------------------------------------------- Hadamard
+@pytest.mark.parametrize("n", [2, 64, 1024, 16384])
+def test_sylvester_factors(n):
+    H_a, H_b = sylvester_factors(n)
+    assert H_a.shape[0] * H_b.shape[0] == n and H_a.shape[0] <= H_b.shape[0]
+    if n <= 1024:
+        torch.testing.assert_close(torch.kron(H_a, H_b) / math.sqrt(n), hadamard_matrix(n), rtol=0, atol=1e-15)
+    x = torch.randn(3, n, dtype=F64, generator=_gen(n))
+    via_kron = act_quant_eager(x, H_a, H_b, bits=16, out_mul=1 / math.sqrt(n))  # the kernel's math
+    torch.testing.assert_close(via_kron, fast_hadamard_transform(x), rtol=1e-12, atol=1e-12)
+
+
+def test_hadamard_eager_is_fast_hadamard_transform():
+    x = torch.randn(4, 256, generator=_gen(11))
+    assert torch.equal(hadamard_transform(x, backend="eager"), fast_hadamard_transform(x))
+    with pytest.raises(ValueError):
+        sylvester_factors(96)
+
+
+# ----------------------------------------------------------------------------- int8
+def test_int_mm_is_exact():
+    a = torch.randint(-128, 128, (40, 96), dtype=torch.int8, generator=_gen(12))
+    b = torch.randint(-128, 128, (96, 24), dtype=torch.int8, generator=_gen(13))
+    a[0] = -128
+    b[:, 0] = -128  # the extreme product 128 * 128 * 96
+    ref = (a.long() @ b.long()).to(torch.int32)
+    assert torch.equal(int_mm(a, b), ref) and torch.equal(int_mm_reference(a, b), ref)
+    assert int(ref[0, 0]) == 128 * 128 * 96
+
+
+def test_int8_linear_reference_path_is_exact():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True).double()
+    il = Int8Linear.from_linear(lin, backend="reference")
+    x = torch.randn(5, 64, dtype=F64)
+    qx, sx = quantize_rows_int8(x)
+    acc = (qx.long() @ il.weight_q.long().T).double()
+    ref = acc * sx.double()[:, None] * il.weight_scale.double()[None, :] + lin.bias.detach()
+    out = il(x)
+    assert torch.equal(out, ref)
+    # and it approximates the float layer at 8 bits
+    rel = (out - lin(x)).norm() / lin(x).norm()
+    assert rel < 2e-2
+    assert int(qx.abs().max()) == 127 and qx.dtype == torch.int8
+
+
+@pytest.mark.parametrize("kind", ["site", "hadamard"])
+def test_int8_linear_with_online_transform(kind):
+    """The transform runs before activation quantization; W carries its weight side."""
+    d = 64
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(d, 32, bias=False).double()
+    x = torch.randn(6, d, dtype=F64) * torch.linspace(0.1, 8, d, dtype=F64)  # outlier channels
+    if kind == "site":
+        t = AffineSite(d, "orthogonal", "kronecker", scale=torch.rand(d, dtype=F64) + 0.5, learn_scale=False,
+                       generator=_gen(3), dtype=F64)
+        t.merge()
+        # weight side: W diag(s) P^{-T} with P orthogonal = W diag(s) (P_l (x) P_r)
+        P = torch.kron(t.act_0, t.act_1)
+        w = lin.weight.detach() * (1 / t.inv_scale) @ P
+    else:
+        t = OnlineHadamard(d, seed=4)
+        w = lin.weight.detach() @ t.matrix()
+    moved = torch.nn.Linear(d, 32, bias=False).double()
+    moved.weight.data = w
+    torch.testing.assert_close(moved(t(x)), lin(x), rtol=1e-10, atol=1e-10)  # the pair is exact in float
+    il = Int8Linear.from_linear(moved, input_transform=t, backend="reference")
+    assert il.kron is not None
+    out = il(x)
+    q, s = act_quant_int8(x, **{k: v for k, v in il.kron.items() if k in ("P_l", "P_r", "in_scale", "out_mul")},
+                          backend="eager")
+    ref = (q.double() @ il.weight_q.double().T) * s.double()[:, None] * il.weight_scale.double()[None, :]
+    assert torch.equal(out, ref)
+    assert (out - lin(x)).norm() / lin(x).norm() < 2e-2
+
+
+# ----------------------------------------------------------------------------- streaming
+def _calib(model, n=4, seq=16, seed=0):
+    ids = torch.randint(0, 500, (n, seq), generator=_gen(seed))
+    ids[:, ::3] = model.config.mask_token_id
+    return CalibSet(ids, ids)
+
+
+def _quantize(model, name, cfg, calib, logits=True, **ctx_kw):
+    adapter = get_adapter(model)
+    q = QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16, symmetric=False))
+    ctx = QuantContext(model, adapter, q, calib, batch_size=2, progress=False, **ctx_kw)
+    get_method(name, cfg).apply(ctx)
+    if not logits:
+        return None
+    with torch.no_grad():
+        return model(input_ids=calib.input_ids.to(next(model.parameters()).device)).logits
+
+
+@pytest.mark.parametrize("name,cfg,cache", [("gptq", {}, "device"), ("gptq", {}, "pinned"),
+                                             ("freeact", {"epochs": 1}, "device"),
+                                             ("flatquant", {"epochs": 1, "weight_algo": "gptq"}, "device")])
+def test_streaming_gives_the_same_model(tiny_model, name, cfg, cache):
+    base = tiny_model("llada", dtype=F64)
+    calib = _calib(base)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    la = _quantize(a, name, cfg, calib)
+    lb = _quantize(b, name, cfg, calib, streaming=True, stream_cache=cache)
+    assert torch.equal(la, lb)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert active_streamer(b) is None  # the context closed
+    assert not torch.equal(la, base(input_ids=calib.input_ids).logits)  # something was quantized
+
+
+def test_streamer_pages_each_layer_once_for_gptq(tiny_model):
+    model = tiny_model("llada", dtype=F64)
+    adapter = get_adapter(model)
+    with LayerStreamer(model, adapter, "cpu") as s:
+        assert active_streamer(model) is s
+        _quantize(model, "gptq", {}, _calib(model), logits=False)  # ctx.streaming off: the outer streamer serves
+        assert s.page_ins == len(adapter.layers())
+        model(input_ids=_calib(model).input_ids)  # a full forward pages every layer in once more
+        assert s.page_ins == 2 * len(adapter.layers()) and s.current is adapter.layers()[-1]
+    with pytest.raises(ValueError, match="stream_cache"):
+        QuantContext(model, adapter, None, None, stream_cache="disk")
+
+
+def test_layer_timeline_segments(tiny_model):
+    model = tiny_model("llada")
+    adapter = get_adapter(model)
+    with LayerTimeline(adapter) as tl:
+        _quantize(model, "gptq", {}, _calib(model))
+    assert sorted(tl.start) == list(range(len(adapter.layers())))
+    assert len(tl.segments()) == len(adapter.layers()) and min(tl.segments()) > 0 and tl.prefix() >= 0
+
+
+# ----------------------------------------------------------------------------- CUDA: kernels vs eager
+def _assert_fake_quant_close(out, ref, bits, clip):
+    """Rounding-order differences may flip a value by one level, never more, and rarely."""
+    o, r = out.float().reshape(-1, out.shape[-1]), ref.float().reshape(-1, ref.shape[-1])
+    step = r.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)  # >= the row's scale (max|q| is qmax or qmax+1)
+    assert ((o - r).abs() <= step * 1.01 + 2**-7 * r.abs() + 1e-6).all()  # + the rounding of q * s to half
+    assert (o != r).float().mean() < 0.02
+
+
+@cuda
+@pytest.mark.parametrize("d_l,d_r,dtype", [  # the 8B widths in bf16 (one and two passes), other dtypes on two
+    (64, 64, torch.bfloat16), (56, 64, torch.bfloat16), (96, 128, torch.bfloat16), (128, 148, torch.bfloat16),
+    (64, 64, torch.float16), (14, 16, torch.float32), (128, 148, torch.float32)])
+def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
+    dev, d = "cuda", d_l * d_r
+    g = torch.Generator(device=dev).manual_seed(d)
+    x = torch.randn(300, d, device=dev, generator=g).to(dtype)
+    x[:, 3] *= 30  # an outlier channel
+    P_l = random_orthogonal(d_l, _gen(1)).float().to(dev)
+    P_r = random_orthogonal(d_r, _gen(2)).float().to(dev)
+    masks = (torch.rand(3, d, device=dev, generator=g) > 0.1).float()
+    types = torch.randint(0, 3, (300,), device=dev, generator=g)
+    s = torch.rand(d, device=dev, generator=g) + 0.5
+    for bits, clip in ((4, 0.9), (8, 1.0)):
+        out = fused_act_quant(x, P_l, P_r, masks, types, bits, clip, backend="triton", in_scale=s)
+        ref = fused_act_quant(x, P_l, P_r, masks, types, bits, clip, backend="eager", in_scale=s)
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
+        _assert_fake_quant_close(out, ref, bits, clip)
+    y = fused_act_quant(x, P_l, P_r, masks, types, bits=16, backend="triton", in_scale=s)
+    y64 = act_quant_eager(x.double(), P_l.double(), P_r.double(), masks.double(), types, bits=16, in_scale=s.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (y.double() - y64).norm() / y64.norm() < tol
+    q, sc = act_quant_int8(x, P_l, P_r, masks, types, backend="triton", in_scale=s)
+    qe, sce = act_quant_int8(x, P_l, P_r, masks, types, backend="eager", in_scale=s)
+    assert (q.int() - qe.int()).abs().max() <= 1 and (q != qe).float().mean() < 0.02
+    torch.testing.assert_close(sc, sce, rtol=1e-2, atol=0)
+
+
+@cuda
+@pytest.mark.parametrize("n", [16, 4096, 16384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_hadamard_matches_eager(n, dtype):
+    x = torch.randn(64, n, device="cuda").to(dtype)
+    y = hadamard_transform(x, backend="triton")
+    ref = fast_hadamard_transform(x.double())
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    assert y.dtype == dtype and (y.double() - ref).norm() / ref.norm() < tol
+
+
+@cuda
+@pytest.mark.parametrize("M,K,N", [(8, 256, 128), (333, 4096, 1024), (2048, 3584, 512)])
+def test_cuda_int8_paths(M, K, N):
+    dev = "cuda"
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=dev)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=dev)
+    assert torch.equal(int_mm(a, w.t()).cpu(), int_mm_reference(a.cpu(), w.t().cpu()))
+    sa, sw = torch.rand(M, device=dev) / 100, torch.rand(N, device=dev) / 100
+    bias = torch.randn(N, device=dev).bfloat16()
+    ref = int8_matmul(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), bias.cpu(), torch.float64, backend="reference")
+    for backend in ("triton", "torch"):
+        out = int8_matmul(a, sa, w, sw, bias, torch.bfloat16, backend=backend).double().cpu()
+        assert (out - ref).norm() / ref.norm() < 5e-3, backend
+
+
+@cuda
+def test_cuda_int8_linear_with_fused_site():
+    d = 4096
+    site, tt = _typed_site(d, [128, 128])
+    site = site.cuda()
+    lin = torch.nn.Linear(d, 512, bias=False).cuda().bfloat16()
+    il = Int8Linear.from_linear(lin, input_transform=site)
+    x = torch.randn(2, 100, d, device="cuda").bfloat16()
+    types = torch.randint(0, 2, (2, 100), device="cuda")
+    with tt.use(types):
+        out = il(x)
+        q, s = act_quant_int8(x.reshape(-1, d), site.inner.act_0, site.inner.act_1, site.keep, types,
+                              backend="eager", in_scale=site.inner.inv_scale)
+    ref = (q.double() @ il.weight_q.double().T) * s.double()[:, None] * il.weight_scale.double()[None, :]
+    assert (out.double().reshape(-1, 512) - ref).norm() / ref.norm() < 2e-2
+
+
+@cuda
+def test_cuda_streaming_gptq_matches_resident(tiny_model):
+    base = tiny_model("llada")
+    calib = _calib(base)
+    a, b = copy.deepcopy(base).cuda(), copy.deepcopy(base)
+    la = _quantize(a, "gptq", {}, calib, device="cuda")
+    lb = _quantize(b, "gptq", {}, calib, device="cuda", streaming=True, stream_cache="pinned")
+    assert next(b.parameters()).device.type == "cpu"  # streaming leaves the model on the CPU
+    with torch.no_grad():
+        lb = b.cuda()(input_ids=calib.input_ids.cuda()).logits
+    torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
