@@ -244,8 +244,12 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     if streaming:
         model.to(dev)
     t_q, l_q = probe.time(model, eval_ids)
-    n_fused = fuse_input_quantizers(model)
-    t_f, l_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"))
+    try:
+        n_fused = fuse_input_quantizers(model)
+        t_f, l_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"))
+    except Exception as e:  # report and keep the calibration numbers
+        print(f"{model_name}/{method}: fused evaluation failed: {type(e).__name__}: {e}")
+        n_fused, t_f, l_f = 0, float("nan"), float("nan")
     ratio_x = extrapolated_ratio(t_q, l_q, t_b, l_b, k, L)
     ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
     label = "extrapolated" + (f" (layers {k}->{L}" + (f", epochs {args.epochs}->15" if epoch_scale != 1 else "") + ")")
@@ -356,8 +360,11 @@ def main(argv=None) -> None:
             t1 = time.time()
             try:
                 rows, s = run_one(model_name, method, args, base)
-            except torch.cuda.OutOfMemoryError as e:
-                print(f"{model_name}/{method}: out of memory ({e})")
+            except Exception as e:  # out of memory, or a method failing at this size: report, go on
+                import traceback
+
+                traceback.print_exc()
+                print(f"{model_name}/{method}: FAILED ({type(e).__name__}: {str(e)[:300]})", flush=True)
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue

@@ -57,7 +57,8 @@ def test_most_square_factors_and_kron_matmul():
     assert most_square_factors(128) == (8, 16)
     assert most_square_factors(37) == (1, 37)
     g = torch.Generator().manual_seed(0)
-    A, B = torch.randn(16, 16, generator=g, dtype=torch.float64), torch.randn(37, 37, generator=g, dtype=torch.float64)
+    A = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    B = torch.randn(37, 37, generator=g, dtype=torch.float64)
     x = torch.randn(3, 5, 592, generator=g, dtype=torch.float64)
     torch.testing.assert_close(kron_matmul(x, [A, B]), x @ torch.kron(A, B), rtol=1e-10, atol=1e-10)
 
@@ -92,7 +93,8 @@ def test_headwise_vo_is_exact_with_gqa():
     with torch.no_grad():
         for p in vo.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    Wv, bv = torch.randn(KV * hd, d, generator=g, dtype=torch.float64), torch.randn(KV * hd, generator=g, dtype=torch.float64)
+    Wv = torch.randn(KV * hd, d, generator=g, dtype=torch.float64)
+    bv = torch.randn(KV * hd, generator=g, dtype=torch.float64)
     Wo = torch.randn(d, H * hd, generator=g, dtype=torch.float64)
     x = torch.randn(5, d, generator=g, dtype=torch.float64)
     a = torch.softmax(torch.randn(H, 5, 5, generator=g, dtype=torch.float64), -1)

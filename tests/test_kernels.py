@@ -21,7 +21,7 @@ from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.streaming import LayerStreamer, LayerTimeline, active_streamer
 from freeact.models import get_adapter
 from freeact.models.token_types import TokenTypes
-from freeact.quant.act import InputQuantizer, input_quantizers
+from freeact.quant.act import InputQuantizer, attach_input_quantizer
 from freeact.quant.quantizer import QuantSpec
 from freeact.transforms.affine import AffineSite, random_orthogonal
 from freeact.transforms.hadamard import OnlineHadamard, fast_hadamard_transform, hadamard_matrix
@@ -113,21 +113,61 @@ def test_fuse_input_quantizers_keeps_freeact_logits(tiny_model):
     ctx = QuantContext(model, adapter, QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16)), CalibSet(ids, ids),
                        batch_size=2, progress=False)
     get_method("freeact", {"epochs": 1}).apply(ctx)
+    lins = [l for b in adapter.blocks() for l in b.linears().values()]
+    sharing = {}
+    for l in lins:  # linears per installed pipeline (FreeAct may give each linear its own clip)
+        sharing[id(l.input_quantizer)] = sharing.get(id(l.input_quantizer), 0) + 1
+    expect = [sharing[id(l.input_quantizer)] for l in lins]
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         n = fuse_input_quantizers(model, backend="eager")
         out = model(input_ids=ids).logits
-    fused = [l.input_quantizer for b in adapter.blocks() for l in b.linears().values()
-             if isinstance(l.input_quantizer, FusedInputQuantizer)]
-    assert n == len(fused) == 7 * len(adapter.layers())  # q, k, v, o, gate, up, down
-    assert len(input_quantizers(model)) == 4 * len(adapter.layers())
-    b = adapter.blocks()[0]
-    assert b.q.input_quantizer is b.k.input_quantizer is b.v.input_quantizer  # one pipeline per shared input
-    assert b.q.input_quantizer.consumers == 3 and b.gate.input_quantizer.consumers == 2
-    assert len({id(m) for m in fused}) == 4 * len(adapter.layers())
+    assert n == len(lins) == 7 * len(adapter.layers())  # q, k, v, o, gate, up, down all fused
+    assert all(isinstance(l.input_quantizer, FusedInputQuantizer) for l in lins)
+    assert [l.input_quantizer.consumers for l in lins] == expect
+    assert len({id(l.input_quantizer) for l in lins}) == len(sharing)  # sharing preserved
     assert torch.equal(out, ref)
-    with torch.no_grad():  # the shared-input cache never serves a stale output
+    with torch.no_grad():  # the shared-input cache (if any sharing) never serves a stale output
         assert torch.equal(model(input_ids=ids.flip(0)).logits, ref.flip(0))
+
+
+def test_fused_pipeline_shared_by_linears_computes_once():
+    site, tt = _typed_site(224, [7, 7])
+    iq = InputQuantizer(QuantSpec(bits=4), site, learnable_clip=True)
+    lins = [torch.nn.Linear(224, 8) for _ in range(3)]
+    for l in lins:
+        attach_input_quantizer(l, iq)  # one pipeline for three linears, as q/k/v can share one
+    parent = torch.nn.ModuleList(lins)
+    assert fuse_input_quantizers(parent, backend="eager") == 3
+    fused = lins[0].input_quantizer
+    assert fused is lins[1].input_quantizer is lins[2].input_quantizer and fused.consumers == 3
+    calls = []
+    fused.op = _Counting(fused.op, calls)
+    x = torch.randn(2, 5, 224)
+    types = torch.randint(0, 2, (2, 5))
+    with tt.use(types), torch.no_grad():
+        outs = [l(x) for l in lins]
+        ref = [torch.nn.functional.linear(iq(x), l.weight, l.bias) for l in lins]
+        x.add_(1.0)  # modified in place: must be recomputed
+        again = lins[0](x)
+        ref_again = torch.nn.functional.linear(iq(x), lins[0].weight, lins[0].bias)
+    assert len(calls) == 2
+    assert all(torch.equal(o, r) for o, r in zip(outs, ref))
+    assert torch.equal(again, ref_again)
+    with torch.no_grad():  # the cached clip value follows the learned clip parameter
+        fused.clip_logit.fill_(-1.0)
+        with tt.use(types):
+            new, ref_new = lins[2](x), torch.nn.functional.linear(iq(x), lins[2].weight, lins[2].bias)
+    assert torch.equal(new, ref_new) and not torch.equal(new, lins[2](x) if False else again)
+
+
+class _Counting:
+    def __init__(self, op, calls):
+        self.op, self.calls = op, calls
+
+    def __call__(self, *a, **kw):
+        self.calls.append(1)
+        return self.op(*a, **kw)
 
 
 def test_act_inputs_are_checked():

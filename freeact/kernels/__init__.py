@@ -9,10 +9,10 @@
 
 Everything here imports without Triton or CUDA: ``backend="auto"`` then picks the eager path.
 """
-from .act_quant import (FusedInputQuantizer, act_quant_eager, act_quant_int8, fuse_input_quantizers,
+from .act_quant import (FusedInputQuantizer, KronActQuant, act_quant_eager, act_quant_int8, fuse_input_quantizers,
                         fused_act_quant, kron_spec, triton_available)
 from .hadamard import hadamard_transform
 from .int8 import Int8Linear, int_mm, quantize_rows_int8
 
-__all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "FusedInputQuantizer", "fuse_input_quantizers",
+__all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "KronActQuant", "FusedInputQuantizer", "fuse_input_quantizers",
            "kron_spec", "triton_available", "hadamard_transform", "Int8Linear", "int_mm", "quantize_rows_int8"]

@@ -50,7 +50,8 @@ except Exception:  # ImportError, or a broken install
     triton = None
     tl = None
 
-__all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "FusedInputQuantizer",
+__all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
+           "prepare_operands", "FusedInputQuantizer",
            "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling"]
 
 BACKENDS = ("auto", "triton", "eager")
@@ -285,22 +286,31 @@ if triton is not None:
 _HALF_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _launch(x2: Tensor, P_l: Tensor, P_r: Tensor, in_scale, masks, types, mode: int, bits: int, clip: float,
-            out_mul: float = 1.0, split_z: bool = False):
-    """Run the kernel on ``x2`` (tokens, d). Returns the output (mode 0/1) or ``(codes, scales)`` (mode 2)."""
+def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dtype, device) -> dict:
+    """The kernel's small operands in the input dtype on its device: ``P_l^T``, ``P_r``, scale, mask rows."""
+    if dtype not in _HALF_CODE:
+        raise TypeError(f"the kernel takes float32/float16/bfloat16 inputs, got {dtype}")
+    conv = dict(device=device, dtype=dtype)
+    return {"plt": P_l.detach().t().to(**conv).contiguous(), "pr": P_r.detach().to(**conv).contiguous(),
+            "sv": in_scale.detach().reshape(-1).to(**conv).contiguous() if in_scale is not None else None,
+            "mk": masks.detach().to(**conv).contiguous() if masks is not None else None,
+            "d_l": P_l.shape[0], "d_r": P_r.shape[0]}
+
+
+def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out_mul: float = 1.0,
+            split_z: bool = False):
+    """Run the kernel on ``x2`` (tokens, d) with prepared operands. Returns the output (mode 0/1) or
+    ``(codes, scales)`` (mode 2). ``types``: any integer tensor with one entry per token (read in place)."""
     T, d = x2.shape
     dev, dt = x2.device, x2.dtype
-    if dt not in _HALF_CODE:
-        raise TypeError(f"the kernel takes float32/float16/bfloat16 inputs, got {dt}")
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    f32 = dt == torch.float32
-    plt = P_l.detach().t().to(device=dev, dtype=dt).contiguous()
-    pr = P_r.detach().to(device=dev, dtype=dt).contiguous()
-    sv = in_scale.detach().reshape(-1).to(device=dev, dtype=dt).contiguous() if in_scale is not None else x2
-    mk = masks.detach().to(device=dev, dtype=dt).contiguous() if masks is not None else x2
-    ty = types.reshape(-1).to(device=dev, dtype=torch.int32).contiguous() if types is not None else x2
-    tiling = kernel_tiling(P_l.shape[0], P_r.shape[0])
+    if ops["mk"] is not None:
+        types = types.reshape(-1)
+        if types.device != dev or types.dtype not in (torch.int32, torch.int64):
+            types = types.to(device=dev, dtype=torch.int64)
+        types = types.contiguous()
+    tiling = kernel_tiling(ops["d_l"], ops["d_r"])
     scales = None
     if mode == 2:
         out = torch.empty(T, d, device=dev, dtype=torch.int8)
@@ -309,11 +319,14 @@ def _launch(x2: Tensor, P_l: Tensor, P_r: Tensor, in_scale, masks, types, mode: 
         out = torch.empty(T, d, device=dev, dtype=dt)
     if T > 0:
         qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
+        f32 = dt == torch.float32
         _kron_act_kernel[(T,)](
-            x2, plt, pr, sv, mk, ty, out, scales if scales is not None else out,
-            P_l.shape[0], P_r.shape[0], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
-            DL=tiling["DL"], DR=tiling["DR"], BN=tiling["BN"], HAS_SCALE=in_scale is not None,
-            HAS_MASK=masks is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
+            x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
+            ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
+            scales if scales is not None else out,
+            ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
+            DL=tiling["DL"], DR=tiling["DR"], BN=tiling["BN"], HAS_SCALE=ops["sv"] is not None,
+            HAS_MASK=ops["mk"] is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
             HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
     return (out, scales) if mode == 2 else out
 
@@ -337,8 +350,8 @@ def fused_act_quant(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = 
         t is not None and t.requires_grad for t in (x, P_l, P_r, in_scale))
     if _pick_backend(backend, x, needs_grad) == "eager":
         return act_quant_eager(x, P_l, P_r, masks, types, bits, clip, in_scale, out_mul)
-    mode = 1 if bits < 16 else 0
-    y = _launch(x.reshape(-1, d), P_l, P_r, in_scale, masks, types, mode, int(bits), clip_f, out_mul, split_z)
+    ops = prepare_operands(P_l, P_r, in_scale, masks, x.dtype, x.device)
+    y = _launch(x.reshape(-1, d), ops, types, 1 if bits < 16 else 0, int(bits), clip_f, out_mul, split_z)
     return y.reshape(x.shape)
 
 
@@ -353,8 +366,47 @@ def act_quant_int8(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = N
         raise ValueError(f"int8 codes need bits <= 8, got {bits}")
     if _pick_backend(backend, x, False) == "eager":
         return act_quant_int8_eager(x, P_l, P_r, masks, types, clip, in_scale, out_mul, bits)
-    return _launch(x.reshape(-1, d), P_l, P_r, in_scale, masks, types, 2, int(bits), float(clip), out_mul,
-                   split_z=split_z)
+    ops = prepare_operands(P_l, P_r, in_scale, masks, x.dtype, x.device)
+    return _launch(x.reshape(-1, d), ops, types, 2, int(bits), float(clip), out_mul, split_z)
+
+
+class KronActQuant:
+    """:func:`fused_act_quant` / :func:`act_quant_int8` with fixed factors, scale and masks whose
+    converted operands are kept per (dtype, device): repeated calls launch the kernel alone.
+    (The factors are read once: rebuild after changing them.)"""
+
+    def __init__(self, P_l: Tensor, P_r: Tensor, in_scale: Tensor | None = None, masks: Tensor | None = None,
+                 out_mul: float = 1.0, split_z: bool = False):
+        self.P_l, self.P_r, self.in_scale, self.masks = P_l, P_r, in_scale, masks
+        self.out_mul, self.split_z = float(out_mul), bool(split_z)
+        self._ops: dict = {}
+
+    def _prepared(self, x: Tensor) -> dict:
+        key = (x.dtype, x.device)
+        if key not in self._ops:
+            self._ops[key] = prepare_operands(self.P_l, self.P_r, self.in_scale, self.masks, x.dtype, x.device)
+        return self._ops[key]
+
+    def __call__(self, x: Tensor, types: Tensor | None = None, bits: int = 4, clip: float = 1.0,
+                 backend: str = "auto") -> Tensor:
+        clip = float(clip)
+        d = _check_inputs(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale)
+        if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad) == "eager":
+            return act_quant_eager(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale, self.out_mul)
+        y = _launch(x.reshape(-1, d), self._prepared(x), types, 1 if bits < 16 else 0, int(bits), clip,
+                    self.out_mul, self.split_z)
+        return y.reshape(x.shape)
+
+    def int8(self, x: Tensor, types: Tensor | None = None, clip: float = 1.0, backend: str = "auto",
+             bits: int = 8) -> tuple[Tensor, Tensor]:
+        d = _check_inputs(x, self.P_l, self.P_r, self.masks, types, bits, float(clip), self.in_scale)
+        if bits > 8:
+            raise ValueError(f"int8 codes need bits <= 8, got {bits}")
+        if _pick_backend(backend, x, False) == "eager":
+            return act_quant_int8_eager(x, self.P_l, self.P_r, self.masks, types, clip, self.in_scale, self.out_mul,
+                                        bits)
+        return _launch(x.reshape(-1, d), self._prepared(x), types, 2, int(bits), float(clip), self.out_mul,
+                       self.split_z)
 
 
 # ----------------------------------------------------------------------------- model integration
@@ -418,20 +470,28 @@ class FusedInputQuantizer(InputQuantizer):
         self.quantize = iq.quantize
         self.backend = backend
         self.kron = ks
+        self.op = KronActQuant(ks["P_l"], ks["P_r"], ks["in_scale"], ks["masks"], ks["out_mul"], ks["split_z"])
         self.consumers = int(consumers)
         self._cache = None  # (x, x._version, types, settings, output, times served)
+        self._clip = None  # (clip_logit._version, float): read once, not at every call (a host sync)
 
     def _compute(self, x: Tensor, types, bits: int, clip: float) -> Tensor:
-        k = self.kron
-        return fused_act_quant(x, k["P_l"], k["P_r"], k["masks"], types, bits=bits, clip=clip, backend=self.backend,
-                               in_scale=k["in_scale"], out_mul=k["out_mul"], split_z=k["split_z"])
+        return self.op(x, types, bits=bits, clip=clip, backend=self.backend)
+
+    def _clip_value(self) -> float:
+        """The clip ratio as a float, cached until the learned clip parameter changes."""
+        if self.clip_logit is None:
+            return float(self.spec.clip_ratio)
+        version = self.clip_logit._version
+        if self._clip is None or self._clip[0] != version:
+            self._clip = (version, float(self.clip().detach().reshape(())))
+        return self._clip[1]
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.kron
         types = k["token_types"].get() if k["masks"] is not None else None
         bits = self.spec.bits if (self.quantize and self.spec.enabled) else 16
-        clip = self.clip()
-        clip = float(self.spec.clip_ratio if clip is None else clip.detach().reshape(()))
+        clip = self._clip_value()
         if self.consumers <= 1 or (torch.is_grad_enabled() and x.requires_grad):
             return self._compute(x, types, bits, clip)
         c = self._cache

@@ -21,11 +21,18 @@ import torch
 from torch import Tensor
 
 from ..transforms.hadamard import fast_hadamard_transform, hadamard_matrix
-from .act_quant import _launch, _pick_backend
+from .act_quant import KronActQuant, _pick_backend
 
 __all__ = ["MAX_N", "sylvester_factors", "hadamard_transform"]
 
 MAX_N = 16384
+
+
+@functools.lru_cache(maxsize=None)
+def _op(n: int) -> KronActQuant:
+    """The transform-only Kronecker op of width ``n`` (operands cached per dtype and device)."""
+    H_a, H_b = _factors(n)
+    return KronActQuant(H_a, H_b, out_mul=1.0 / math.sqrt(n), split_z=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +71,4 @@ def hadamard_transform(x: Tensor, backend: str = "auto") -> Tensor:
         choice = "eager"
     if choice == "eager":
         return fast_hadamard_transform(x, scale=True, backend="torch")
-    H_a, H_b = _factors(n)
-    y = _launch(x.reshape(-1, n), H_a, H_b, None, None, None, mode=0, bits=16, clip=1.0,
-                out_mul=1.0 / math.sqrt(n), split_z=True)
-    return y.reshape(x.shape)
+    return _op(n)(x, bits=16, backend="triton")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .act_quant import act_quant_int8, kron_spec, triton, tl
+from .act_quant import KronActQuant, kron_spec, triton, tl
 
 __all__ = ["quantize_rows_int8", "int_mm", "int_mm_reference", "int8_matmul", "Int8Linear"]
 
@@ -166,6 +166,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.input_transform = input_transform
         self.kron = kron_spec(input_transform) if input_transform is not None else None
+        k = self.kron
+        self.act_op = None if k is None else KronActQuant(k["P_l"], k["P_r"], k["in_scale"], k["masks"], k["out_mul"],
+                                                          k["split_z"])
         self.act_clip = float(act_clip)
         self.backend = backend
 
@@ -185,8 +188,7 @@ class Int8Linear(nn.Module):
         if self.kron is not None:
             k = self.kron
             types = k["token_types"].get() if k["masks"] is not None else None
-            return act_quant_int8(x2, k["P_l"], k["P_r"], k["masks"], types, clip=self.act_clip, backend="auto",
-                                  in_scale=k["in_scale"], out_mul=k["out_mul"], split_z=k["split_z"])
+            return self.act_op.int8(x2, types, clip=self.act_clip)
         if self.input_transform is not None:
             x2 = self.input_transform(x2)
         return quantize_rows_int8(x2, self.act_clip)

@@ -10,7 +10,8 @@ Per decoder layer (see :mod:`freeact.transforms.affine` for the pieces):
 * ``k``: orthogonal per-head transform of post-RoPE Q and K (installed when the KV cache is
   quantized, or ``kv_transform: true``), through the attention's :class:`~freeact.quant.kv.QKVHook`;
 * learnable per-channel scaling (SmoothQuant init, ``smooth_alpha`` 0.3), learnable weight clipping
-  (per output channel) and activation clipping (per linear input);
+  (per output channel) and activation clipping (one learnable ratio per linear, as FlatQuant); the
+  linears of one site share its transform module, and its output (see ``OnlineMemo``);
 
 trained with :func:`~freeact.methods.block_training.train_blockwise`. After training every weight
 side is merged in float64 (the deployed model is the merged one: the activation side stays online).
@@ -28,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.act import attach_input_quantizer
+from ..quant.act import InputQuantizer, attach_input_quantizer
 from ..quant.kv import IMPL, QKVHook
 from ..transforms.affine import (KINDS, STRUCTURES, AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
-                                 SharedInputQuantizer, WeightClip, merge_linear, smooth_scale)
+                                 WeightClip, merge_linear, smooth_scale)
 from ..transforms.fusion import fuse_norm_into_linears
 from .base import Method, QuantContext, register_method
 from .block_training import NONFINITE_MODES, TrainConfig, train_blockwise
@@ -69,12 +70,12 @@ class LayerTransforms:
         self.clips = {n: WeightClip(l.out_features, dtype=l.weight.dtype).to(l.weight.device)
                       for n, l in self.lins.items()} if (lwc and quant.weight.enabled) else {}
         learn = lac and quant.act.enabled
-        device = block.q.weight.device
-        self.iqs = {name: SharedInputQuantizer(quant.act, site, learnable_clip=learn).to(device)
-                    for name, site in sites.items()}
+        online = {n: sites.get(self._site_of(n)) for n in self.lins}
         if "o" not in sites:
-            online = vo if (vo is not None and vo.has_heads) else None
-            self.iqs["o"] = SharedInputQuantizer(quant.act, online, learnable_clip=learn).to(device)
+            online["o"] = vo if (vo is not None and vo.has_heads) else None
+        # one input quantizer (own learnable clip) per linear; linears of a site share its transform
+        self.iqs = {n: InputQuantizer(quant.act, online[n], learnable_clip=learn).to(l.weight.device)
+                    for n, l in self.lins.items()}
         self.info = info or {}
 
     def _site_of(self, name: str) -> str:
@@ -92,12 +93,13 @@ class LayerTransforms:
         from torch.nn.utils import parametrize
 
         for n, lin in self.lins.items():
-            attach_input_quantizer(lin, self.iqs[self._site_of(n)])
+            attach_input_quantizer(lin, self.iqs[n])
             out = self.vo.transform_v_weight if (n == "v" and self.vo is not None) else None
             parametrize.register_parametrization(
                 lin, "weight", CalibratingWeight(self._input_side(n), out, self.clips.get(n), self.quant.weight))
             if n == "v" and self.vo is not None and lin.bias is not None:
-                parametrize.register_parametrization(lin, "bias", CalibratingWeight(output_side=self.vo.transform_v_bias))
+                bias_side = CalibratingWeight(output_side=self.vo.transform_v_bias)
+                parametrize.register_parametrization(lin, "bias", bias_side)
         if self.k_transform is not None or self.quant.kv.enabled:
             self.block.attn.qkv_hook = QKVHook(self.quant.kv, self.k_transform)
 
@@ -122,8 +124,6 @@ class LayerTransforms:
             if fvo is not None and n == "o":
                 inp = _compose(lambda w: HeadwiseVO.apply_frozen_o(fvo, w), inp)
             merge_linear(lin, inp, out, bias, self.clips.get(n), self.quant.weight)
-        for iq in self.iqs.values():
-            iq.clear()
         for name, site in self.sites.items():
             site.merge(frozen[name])
         if self.vo is not None:

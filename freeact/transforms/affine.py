@@ -42,12 +42,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
-from ..quant.act import InputQuantizer
 from ..quant.quantizer import QuantSpec, fake_quant
 
 __all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "smooth_scale", "LearnableSquare",
            "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear",
-           "SharedInputQuantizer"]
+           "OnlineMemo"]
 
 KINDS = ("invertible", "orthogonal")
 STRUCTURES = ("kronecker", "dense")
@@ -145,6 +144,39 @@ def _init_matrix(n: int, init: str, generator) -> Tensor:
     raise ValueError(f"matrix init must be 'random' or 'identity', got {init!r}")
 
 
+class OnlineMemo:
+    """Mixin for online activation transforms that several linears read (q/k/v, gate/up): each linear's
+    input quantizer calls the transform with the same tensor, so a call with the very tensor of the
+    previous call (same object, not modified in place), unchanged parameters / buffers / mode and
+    the same token-type tensor returns the previous output instead of recomputing it.
+    :meth:`clear_memo` drops the cached tensors; they are never pickled."""
+
+    _memo = None
+
+    def _memo_types(self):
+        return None
+
+    def _memo_key(self):
+        versions = tuple(t._version for t in self.parameters()) + tuple(t._version for t in self.buffers())
+        return (torch.is_grad_enabled(), getattr(self, "mode", None), versions)
+
+    def _cached(self, x: Tensor, compute) -> Tensor:
+        key, types, memo = self._memo_key(), self._memo_types(), self._memo
+        if memo is not None and memo[0] is x and memo[1] == x._version and memo[2] == key and memo[3] is types:
+            return memo[4]
+        out = compute(x)
+        self._memo = (x, x._version, key, types, out)
+        return out
+
+    def clear_memo(self) -> None:
+        self._memo = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_memo", None)
+        return state
+
+
 class _Mergeable(nn.Module):
     """Shared mode bookkeeping: ``calibrating`` until :meth:`merge` freezes the matrices."""
 
@@ -160,7 +192,7 @@ class _Mergeable(nn.Module):
 
 
 # ----------------------------------------------------------------------------- one linear input
-class AffineSite(_Mergeable):
+class AffineSite(OnlineMemo, _Mergeable):
     """One transformed linear input: ``x -> (x / s) P`` online, ``W -> W diag(s) P^{-T}`` offline.
 
     ``scale``: the initial per-channel ``s`` (None = no scaling); ``learn_scale`` makes it a
@@ -201,6 +233,9 @@ class AffineSite(_Mergeable):
 
     # -- activation side (online) ------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        return self._cached(x, self._act)
+
+    def _act(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d:
             raise ValueError(f"{type(self).__name__} of width {self.d} got an input of width {x.shape[-1]}")
         if self.merged:
@@ -238,6 +273,7 @@ class AffineSite(_Mergeable):
         have been merged with :func:`merge_linear` using the same ``frozen`` values)."""
         if self.merged:
             return
+        self.clear_memo()
         frozen = frozen or self.frozen()
         dtype = next(self.factors.parameters()).dtype
         self.n_factors = len(frozen["act"])
@@ -270,7 +306,9 @@ class HeadwiseVO(_Mergeable):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kind, self.has_heads = kind, heads
-        self.heads = LearnableSquare(num_heads, kind, _init_matrix(num_heads, init, generator), dtype) if heads else None
+        self.heads = None
+        if heads:
+            self.heads = LearnableSquare(num_heads, kind, _init_matrix(num_heads, init, generator), dtype)
         self.value = LearnableSquare(head_dim, kind, _init_matrix(head_dim, init, generator), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -439,32 +477,3 @@ def merge_linear(linear: nn.Linear, input_side=None, output_side=None, bias_side
         b = linear.bias.data
         linear.bias.data = bias_side(b.to(torch.float64)).to(b.dtype)
 
-
-class SharedInputQuantizer(InputQuantizer):
-    """One :class:`~freeact.quant.act.InputQuantizer` shared by the linears that read the same tensor
-    (q/k/v, gate/up): the online transform and the activation fake quant run once per forward.
-
-    A call with the very tensor of the previous call (same object, not modified in place), the same
-    token-type tensor, unchanged parameters and switches returns the previous output; anything else
-    recomputes. :meth:`clear` drops the cached tensors.
-    """
-
-    _memo = None
-
-    def _key(self):
-        tt = getattr(self.transform, "token_types", None)
-        return (self.quantize, torch.is_grad_enabled(), getattr(self.transform, "mode", None),
-                tuple(p._version for p in self.parameters()), None if tt is None else tt.current)
-
-    def forward(self, x: Tensor) -> Tensor:
-        key = self._key()
-        memo = self._memo
-        if (memo is not None and memo[0] is x and memo[1] == x._version and memo[2][:-1] == key[:-1]
-                and memo[2][-1] is key[-1]):
-            return memo[3]
-        out = super().forward(x)
-        self._memo = (x, x._version, key, out)
-        return out
-
-    def clear(self) -> None:
-        self._memo = None

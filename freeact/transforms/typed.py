@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .affine import random_orthogonal
+from .affine import OnlineMemo, random_orthogonal
 
 __all__ = ["ranks_from_ratio", "owner_from_ranks", "keep_masks", "TypeMask", "TypeCovariance", "TypedBasis",
            "typed_basis", "other_type_energy"]
@@ -67,7 +67,7 @@ def keep_masks(owner: Tensor, num_types: int) -> Tensor:
     return ((owner.unsqueeze(0) == -1) | (owner.unsqueeze(0) == k)).to(torch.float32)
 
 
-class TypeMask(nn.Module):
+class TypeMask(OnlineMemo, nn.Module):
     """``x -> inner(x) * keep[types]``: zero the coordinates unique to the OTHER token types.
 
     ``token_types``: the model's :class:`~freeact.models.token_types.TokenTypes`; its ``(batch, seq)``
@@ -91,7 +91,13 @@ class TypeMask(nn.Module):
     def ranks(self) -> list[int]:
         return [int((self.owner == k).sum()) for k in range(self.keep.shape[0])]
 
+    def _memo_types(self):
+        return self.token_types.current
+
     def forward(self, x: Tensor) -> Tensor:
+        return self._cached(x, self._masked)
+
+    def _masked(self, x: Tensor) -> Tensor:
         z = self.inner(x)
         if not self.has_unique:
             return z
@@ -109,6 +115,7 @@ class TypeMask(nn.Module):
         return z * keep.to(z.dtype)
 
     def merge(self, *args) -> None:
+        self.clear_memo()
         self.inner.merge(*args)
 
     def extra_repr(self) -> str:
