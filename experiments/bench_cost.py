@@ -15,14 +15,19 @@ W4A4, 128 calibration sequences x 2048 tokens by default.
 **What is timed.** A 10-minute job cannot calibrate all layers of a learned method, so the model is
 built with ``--layers k`` decoder layers (plus the real embeddings and LM head) and calibrated
 entirely; :class:`~freeact.methods.streaming.LayerTimeline` splits the wall time into the part before
-the first layer starts (capture, fusions, rotations) and one segment per layer. The per-layer figure
-is the mean segment (the first excluded when ``k >= 2``; the last one includes the final weight
-quantization pass). The full-model figure, labelled ``extrapolated``, is
-``prefix + num_layers x per_layer`` (and ``x 15 / epochs`` when fewer epochs are timed).
-Peak GPU memory is ``torch.cuda.max_memory_allocated`` during calibration; without streaming it grows
-with the layers on the device, so its extrapolation adds ``(num_layers - k)`` layers' weights.
-With streaming (``--streaming auto``: GPTQ, FlatQuant, FreeAct) the model stays on the CPU and one layer
-at a time is on the GPU (:mod:`freeact.methods.streaming`); the peak does not grow with depth.
+the first layer starts (capture, fusions, rotations) and one segment per layer (the mean segment is
+the measured per-layer time; the first is excluded when ``k >= 2``; the last includes the final weight
+quantization pass), and a global optimizer-step hook times the training steps. The full-model figure,
+labelled ``extrapolated``, is ``prefix + num_layers x per_layer`` where, for the learned methods, the
+per-layer time is the measured non-training part plus ``ceil(128 / 4) x 15 = 480`` steps at the
+measured median step time (so ``--epochs 1`` already gives the published-settings estimate); with
+fewer than ``--target-nsamples`` sequences, the parts linear in the data are scaled up (an upper bound).
+Peak GPU memory is ``torch.cuda.max_memory_allocated`` during calibration; the extrapolated peak adds
+the other layers' weights when not streaming and the larger calibration cache when fewer sequences
+were used. With streaming (``--streaming auto``: GPTQ, FlatQuant, FreeAct) the model stays on the CPU
+and one layer at a time is on the GPU (:mod:`freeact.methods.streaming`); the peak does not grow with
+depth. The float32 matmul precision in force (TF32 or not, including the
+``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE`` variable some images set) is recorded in every row.
 
 **Evaluation overhead.** One forward of ``--eval-tokens`` tokens before calibration (bf16) and after it
 (fake quant: online transforms + activation quantizers, eager), and after
@@ -34,14 +39,16 @@ Targets printed at the end: FreeAct on an 8B model <= 30 min and <= 40 GB peak; 
 <= 1.5x the bf16 forward.
 
     PYTHONPATH=. python experiments/bench_cost.py [--quick] [--models llada_8b,dream_7b,qwen2_5_vl_7b]
-        [--methods rtn,gptq,quarot,flatquant,freeact] [--layers 1] [--nsamples 128] [--seqlen 2048]
-        [--epochs 15] [--budget-s 480] [--out results/perf.csv]
+        [--methods freeact,flatquant,quarot,gptq,rtn] [--layers 1] [--nsamples 128] [--seqlen 2048]
+        [--epochs 15] [--tf32 off] [--budget-s 300] [--out results/perf.csv]
+    (CPU dry run of the script only: --device cpu --tiny --nsamples 8 --seqlen 32 --eval-tokens 32)
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -201,6 +208,65 @@ def extrapolated_ratio(t_q, l_q, t_b, l_b, k: int, L: int) -> float:
     return (rest + L * l_q / k) / (rest + L * l_b / k)
 
 
+class StepClock:
+    """Timestamps after every optimizer step (a global ``torch.optim`` hook): the learned methods'
+    training steps, to extrapolate from the epochs timed to the published 15."""
+
+    def __init__(self, sync: bool):
+        self.sync, self.times, self._h = sync, [], None
+
+    def __enter__(self) -> "StepClock":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self._h = register_optimizer_step_post_hook(self._post)
+        return self
+
+    def _post(self, *_):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def __exit__(self, *exc) -> None:
+        self._h.remove()
+
+    def step_s(self) -> float:
+        """Median seconds of one step (forward, backward, update), from consecutive step ends."""
+        diffs = [b - a for a, b in zip(self.times[:-1], self.times[1:])]
+        return statistics.median(diffs) if diffs else 0.0
+
+
+def extrapolate(method: str, args, prefix: float, per_layer: float, steps: int, step_s: float, k: int,
+                L: int) -> tuple[float, float, str]:
+    """Seconds for the whole model at the published settings: ``(per_layer, total, label)``.
+
+    Learned methods: per layer, the measured non-training time (scaled with the number of sequences:
+    the full-precision pass is linear in it, an upper bound for the rest) plus the published number of
+    steps (``ceil(target / 4) x 15``) at the measured step time. Others: the measured layer time, scaled
+    with the number of sequences when fewer were used (an upper bound)."""
+    n_scale = args.target_nsamples / args.nsamples
+    parts = [f"layers {k}->{L}"]
+    if n_scale != 1:
+        parts.append(f"sequences {args.nsamples}->{args.target_nsamples}")
+    if method in LEARNED and steps:
+        steps_layer = steps / k
+        rest = max(per_layer - steps_layer * step_s, 0.0)
+        steps_full = math.ceil(args.target_nsamples / 4) * 15
+        full_layer = rest * n_scale + steps_full * step_s
+        if round(steps_layer) != steps_full:
+            parts.append(f"steps {steps_layer:.0f}->{steps_full} at {step_s:.3f} s/step")
+    else:
+        full_layer = per_layer * n_scale
+    return full_layer, prefix * n_scale + L * full_layer, "extrapolated (" + ", ".join(parts) + ")"
+
+
+def cache_bytes_per_sequence(method: str, seqlen: int, d: int) -> int:
+    """Calibration cache per sequence: bf16 capture (+ float32 inputs and targets for block training,
+    + bf16 outputs for GPTQ)."""
+    if method in LEARNED:
+        return seqlen * d * (2 + 4 + 4)
+    return seqlen * d * (2 + 2) if method in ("gptq", "quarot") else 0
+
+
 # ----------------------------------------------------------------------------- one measurement
 def layer_bytes(adapter) -> int:
     layer = adapter.layers()[0]
@@ -231,16 +297,18 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     ctx = QuantContext(model, adapter, q, calib, device=dev, batch_size=4, seed=0, progress=args.progress,
                        streaming=streaming, stream_cache="device")
     cfg = method_cfg(method, model_name, args.epochs)
-    with LayerTimeline(adapter) as tl:
+    with LayerTimeline(adapter) as tl, StepClock(cuda) as clock:
         info = get_method(method, cfg).apply(ctx)
         tl.stop()
     wall = tl.t_end - tl.t0
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     segs = tl.segments()
     per_layer = statistics.mean(segs[1:] if len(segs) >= 2 else segs) if segs else 0.0
-    epoch_scale = (15 / args.epochs) if (method in LEARNED and args.epochs not in (0, 15)) else 1.0
-    total_x = tl.prefix() + L * per_layer * epoch_scale
-    peak_x = peak if streaming else peak + (L - k) * lbytes
+    steps, step_s = len(clock.times), clock.step_s()
+    full_layer, total_x, label = extrapolate(method, args, tl.prefix(), per_layer, steps, step_s, k, L)
+    extra_cache = (args.target_nsamples - args.nsamples) * cache_bytes_per_sequence(
+        method, args.seqlen, model.config.hidden_size)
+    peak_x = peak + max(extra_cache, 0) + (0 if streaming else (L - k) * lbytes)
     if streaming:
         model.to(dev)
     t_q, l_q = probe.time(model, eval_ids)
@@ -252,19 +320,21 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
         n_fused, t_f, l_f = 0, float("nan"), float("nan")
     ratio_x = extrapolated_ratio(t_q, l_q, t_b, l_b, k, L)
     ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
-    label = "extrapolated" + (f" (layers {k}->{L}" + (f", epochs {args.epochs}->15" if epoch_scale != 1 else "") + ")")
     common = dict(base, bench="cost", model=model_name, method=method, tokens=args.nsamples * args.seqlen,
                   shape=f"{args.nsamples}x{args.seqlen}, layers timed {k}/{L}")
-    note = f"streaming={streaming} tf32={args.tf32} epochs={cfg.get('epochs', '-')} batch=4"
+    note = f"streaming={streaming} {args.tf32_state} epochs={cfg.get('epochs', '-')} batch=4"
     rows = [dict(common, metric="calib_wall_s_measured", value=round(wall, 2), unit="s", note=note),
             dict(common, metric="calib_prefix_s", value=round(tl.prefix(), 2), unit="s",
                  note="before the first layer: capture, fusions, rotations"),
-            dict(common, metric="calib_per_layer_s", value=round(per_layer, 2), unit="s",
-                 note="segments " + "|".join(f"{s:.2f}" for s in segs)),
+            dict(common, metric="calib_per_layer_s_measured", value=round(per_layer, 2), unit="s",
+                 note="segments " + "|".join(f"{s:.2f}" for s in segs) + f"; {steps} optimizer steps"),
+            dict(common, metric="calib_step_s", value=round(step_s, 4), unit="s", note="median, learned methods"),
+            dict(common, metric="calib_per_layer_s", value=round(full_layer, 2), unit="s", note=label),
             dict(common, metric="calib_total_s", value=round(total_x, 1), unit="s", note=label),
             dict(common, metric="peak_gpu_gb_measured", value=round(peak / GB, 2), unit="GiB", note=note),
             dict(common, metric="peak_gpu_gb", value=round(peak_x / GB, 2), unit="GiB",
-                 note="measured (streaming: independent of depth)" if streaming else f"{label}: + layer weights"),
+                 note=("streaming: independent of depth" if streaming else "+ the other layers' weights")
+                 + (f"; + cache for {args.target_nsamples} sequences" if extra_cache > 0 else "")),
             dict(common, metric="model_build_s", value=round(t_build, 2), unit="s"),
             dict(common, metric="eval_bf16_ms", value=round(t_b, 3), unit="ms",
                  note=f"1x{eval_ids.shape[1]} tokens; layers {l_b:.3f} ms"),
@@ -276,7 +346,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
                       note=f"{n_fused} fused input quantizers; layers {l_f:.3f} ms"),
                  dict(common, metric="eval_overhead_fused", value=round(ratio_fx, 3), unit="x",
                       note=f"fused kernel; {label}")]
-    summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=per_layer * epoch_scale,
+    summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
                    total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
                    layer_ratio=l_q / l_b, info_keys=len(info))
     del model, adapter, ctx
@@ -293,8 +363,8 @@ def _sync(dev: str) -> None:
 
 # ----------------------------------------------------------------------------- report
 def print_table(summaries: list[dict]) -> None:
-    print("\n| model | method | streaming | layers timed | s / layer | total (extrapolated) | peak GPU GiB "
-          "(measured / full depth) | eval overhead eager / fused (layer eager) |")
+    print("\n| model | method | streaming | layers timed | s / layer (published settings) | total (extrapolated) "
+          "| peak GPU GiB (measured / extrapolated) | eval overhead eager / fused (layer eager) |")
     print("|---|---|---|---|---|---|---|---|")
     for s in summaries:
         fused = f"{s['ratio_f']:.2f}x" if not math.isnan(s["ratio_f"]) else "-"
@@ -325,7 +395,9 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", type=int, default=1, help="decoder layers built and calibrated (k)")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--epochs", type=int, default=15, help="epochs timed for the learned methods (scaled to 15)")
+    ap.add_argument("--epochs", type=int, default=15,
+                    help="epochs run by the learned methods (extrapolated to 15 with the measured step time)")
+    ap.add_argument("--target-nsamples", type=int, default=128, help="published calibration sequences")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--streaming", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--tf32", choices=("on", "off"), default="off",
@@ -346,10 +418,13 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown or unregistered methods {unknown}; registered: {method_names()}")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    args.tf32_state = (f"tf32={args.tf32} (matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+                       f"fp32 precision={torch.get_float32_matmul_precision()}, TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="
+                       f"{os.environ.get('TORCH_ALLOW_TF32_CUBLAS_OVERRIDE', 'unset')})")
     base = env_info()
     print(f"device: {base['device']} | torch {base['torch']} | triton {base['triton']} | transformers "
           f"{base['transformers']} | {args.nsamples}x{args.seqlen} calibration tokens, {args.layers} layer(s) timed, "
-          f"epochs {args.epochs}, tf32 {args.tf32}")
+          f"epochs {args.epochs} | {args.tf32_state}")
     t0 = time.time()
     summaries, skipped = [], []
     for method in args.methods.split(","):
@@ -372,7 +447,7 @@ def main(argv=None) -> None:
             summaries.append(s)
             print(f"{model_name:14s} {method:9s} wall {s['wall']:7.1f} s | {s['per_layer']:6.2f} s/layer | "
                   f"total {s['total'] / 60:6.1f} min (extrapolated) | peak {s['peak']:.1f} GiB "
-                  f"(full depth {s['peak_x']:.1f}) | eval x{s['ratio']:.2f} eager, x{s['ratio_f']:.2f} fused "
+                  f"(extrapolated {s['peak_x']:.1f}) | eval x{s['ratio']:.2f} eager, x{s['ratio_f']:.2f} fused "
                   f"| {time.time() - t1:.0f} s", flush=True)
     if skipped:
         print(f"skipped (budget {args.budget_s:.0f} s): {', '.join(skipped)}")

@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--out_md", default=str(ROOT / "results" / "testbeds.md"))
     p.add_argument("--out_json", default=str(HERE / "measure_log.json"))
     p.add_argument("--no_write", action="store_true", help="print only")
+    p.add_argument("--render_only", action="store_true", help="rewrite the markdown from --out_json, measure nothing")
     return p.parse_args(argv)
 
 
@@ -145,10 +146,20 @@ def ar_full_fp(a) -> dict | None:
             "chunks": a.ar_fp_chunks or "all"}
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def run_info(a) -> dict:
     """Where and how a testbed was measured (stored with each testbed's numbers)."""
     return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": f"{platform.machine()} CPU, "
-            f"{os.cpu_count()} cores ({platform.processor() or 'unknown'})", "torch": torch.__version__,
+            f"{os.cpu_count()} cores ({cpu_name()})", "torch": torch.__version__,
             "transformers": transformers.__version__, "git_commit": git_commit(),
             "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + sys.argv[1:]),
             "settings": {k: v for k, v in vars(a).items() if not k.startswith("out")}}
@@ -209,6 +220,12 @@ def render(res: dict) -> str:
             L.append(f"| {tb['model']} | {tb['params'] / 1e6:.1f}M | {fp['eval_tokens']:,} ({t['eval_bytes']:,}) | "
                      f"{_f(fp['nll'])} | {_f(fp['nll'] * fp['eval_tokens'] / t['eval_bytes'])} | {fp['ppl']:.2f} | "
                      f"{_f(t.get('train_unigram_ce'))} | {_f(t.get('test_unigram_entropy'))} |")
+        log = HERE / "train_log.json"
+        if name == "dllm" and log.exists():
+            t = json.loads(log.read_text())["test_elbo"].get("seqlen512")
+            if t:
+                L.append(f"| {tb['model']} (all chunks, {t['mc_num']} draws, H200 after training) | | "
+                         f"{t['eval_tokens']:,} | {_f(t['nll'])} | | {t['ppl']:.2f} | | |")
         if tb.get("fp_full"):
             f = tb["fp_full"]
             L.append(f"| {tb['model']} ({f['chunks']} chunks) | | {f['eval_tokens']:,} | {_f(f['nll'])} | | "
@@ -226,7 +243,11 @@ def render(res: dict) -> str:
             w = "" if r["row"] == "fp16" else r["weight_algo"]
             L.append(f"| {tb['model']} | {r['label']} | {w} | {_f(r['nll'])} | {r['ppl']:.2f} | {d} | "
                      f"{r['quant_seconds']:.0f} |")
-    L += [""]
+    L += ["", "RTN rows use `conf/method/rtn.yaml` (no clipping). QuaRot rows use `conf/method/quarot.yaml`, QuaRot's "
+          "published settings: fused norms, a random Hadamard on the residual stream, online Hadamards on the "
+          "o_proj and down_proj inputs, activation clip 0.9, and an MSE weight-clip search. The RTN-weight row "
+          "isolates the rotation. testbed_ar's linear weights already sit on a Q4_1 grid (asymmetric, blocks of "
+          "32 inputs), but the per-channel symmetric W4 used here does not align with it and is lossy.", ""]
     for name, tb in res["testbeds"].items():
         o = tb["outliers"]
         st = o["stats"]
@@ -263,8 +284,9 @@ def main(argv=None):
     a = parse_args(argv)
     torch.manual_seed(a.seed)
     prev = Path(a.out_json)
-    res = json.loads(prev.read_text()) if prev.exists() and not a.no_write else {}
-    res = measure(a, res)
+    res = json.loads(prev.read_text()) if prev.exists() and (a.render_only or not a.no_write) else {}
+    if not a.render_only:
+        res = measure(a, res)
     md = render(res)
     print(md)
     if not a.no_write:

@@ -29,7 +29,12 @@ second recomputing ``Y`` (cheap on tensor cores) instead of spilling it to memor
 ``max|y|``, the second quantizes and stores. ``P_l^T``, ``P_r``, the scale vector and the mask rows are
 tiny and stay in L2; HBM traffic is one read of ``x`` and one write of the output.
 Rounding to nearest even uses the ``1.5 * 2^23`` trick (exact for ``|v| < 2^22``; ``|y / s|`` is
-at most ``2^(b-1) / clip``).
+at most ``2^(b-1) / clip``). float32 inputs use IEEE float32 dots (no TF32).
+
+**Calling it.** :func:`fused_act_quant` converts the small operands (``P_l^T``, ``P_r``, scale, masks)
+to the input dtype at every call; :class:`KronActQuant` keeps them converted, so repeated calls launch
+the kernel alone (what :class:`FusedInputQuantizer`, :class:`~freeact.kernels.int8.Int8Linear`, the
+Hadamard transform and the benchmarks use). The token-type tensor is read in place (int32 or int64).
 """
 from __future__ import annotations
 
