@@ -246,8 +246,9 @@ def render(res: dict) -> str:
     L += ["", "RTN rows use `conf/method/rtn.yaml` (no clipping). QuaRot rows use `conf/method/quarot.yaml`, QuaRot's "
           "published settings: fused norms, a random Hadamard on the residual stream, online Hadamards on the "
           "o_proj and down_proj inputs, activation clip 0.9, and an MSE weight-clip search. The RTN-weight row "
-          "isolates the rotation. testbed_ar's linear weights already sit on a Q4_1 grid (asymmetric, blocks of "
-          "32 inputs), but the per-channel symmetric W4 used here does not align with it and is lossy.", ""]
+          "separates the rotation (with its clipping) from GPTQ. testbed_ar's linear weights already sit on a "
+          "Q4_1 grid (asymmetric, blocks of 32 inputs), but the per-channel symmetric W4 used here does not align "
+          "with it and is lossy.", ""]
     for name, tb in res["testbeds"].items():
         o = tb["outliers"]
         st = o["stats"]

@@ -44,7 +44,7 @@ MISSING = ("error", "warn")
 def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
     """Config entries (names, or ``{name, ids}`` mappings) -> :class:`TokenTypes` rules, in order."""
     if not entries:
-        raise ValueError("method.token_types must list at least two token types")
+        raise ValueError("method.token_types must list at least one token type")
     names = [e for e in entries if isinstance(e, str)]
     known = dict(rules_from_names(adapter, names)) if names else {}
     rules = []
@@ -58,9 +58,7 @@ def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
             rules.append((str(e["name"]), ids))
         else:
             raise ValueError(f"method.token_types entries are names or {{name, ids}} mappings, got {e!r}")
-    if len(rules) < 2:
-        raise ValueError(f"method.token_types={entries}: FreeAct needs at least two token types")
-    return rules
+    return rules  # one type = no token split: the shared orthogonal transform alone (an AR model)
 
 
 @register_method("freeact")
