@@ -3,8 +3,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from freeact.data.calib import CalibSet
-from freeact.data.text import mask_tokens, random_windows, read_text, token_stream
 from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.block_training import NonFiniteLossError, full_precision_pass
 from freeact.methods.blockwise import capture_layer0_inputs, run_layer
@@ -12,31 +10,15 @@ from freeact.methods.flatquant import FlatQuant
 from freeact.models import get_adapter
 from freeact.quant.act import set_act_quant
 from freeact.quant.kv import IMPL
+from freeact.data.calib import build_calib_set as _build_calib_set
 from freeact.quant.quantizer import QuantSpec, fake_quant
 from freeact.quant.rtn import rtn_quantize_weight
 from freeact.transforms.affine import AffineSite, HeadwiseVO, kron_matmul, most_square_factors
 
 
-_STREAM = {}
-
-
 def build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=None):
-    """As :func:`freeact.data.calib.build_calib_set`, on the first 100k characters (tokenized once)."""
-    if source not in _STREAM:
-        _STREAM[source] = token_stream(tokenizer, read_text(source, max_chars=100_000))
-    clean = random_windows(_STREAM[source], n, seqlen, seed)
-    if mask_token_id is None:
-        return CalibSet(clean, clean)
-    masked, _ = mask_tokens(clean, mask_token_id, torch.Generator().manual_seed(seed + 1))
-    return CalibSet(masked, clean)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is shared; thread oversubscription costs 10x here
-    yield
-    torch.set_num_threads(n)
+    """The library's calibration set, on the first 100k characters of the corpus (fast)."""
+    return _build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=mask_token_id, max_chars=100_000)
 
 
 def make_ctx(model, tokenizer, w=16, a=16, kv=16, n=4, seqlen=24, seed=0):

@@ -4,8 +4,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from freeact.data.calib import CalibSet
-from freeact.data.text import mask_tokens, random_windows, read_text, token_stream
 from freeact.artifacts import load_quantized, save_quantized
 from freeact.experiment import load_model
 from freeact.methods import QuantContext, QuantSettings, get_method
@@ -13,6 +11,8 @@ from freeact.methods.flatquant import FlatQuant
 from freeact.methods.freeact import FreeAct
 from freeact.models import get_adapter
 from freeact.models.token_types import TokenTypes
+from freeact.data.calib import CalibSet
+from freeact.data.calib import build_calib_set as _build_calib_set
 from freeact.quant.quantizer import QuantSpec, fake_quant
 from freeact.transforms.affine import AffineSite, random_orthogonal
 from freeact.transforms.typed import TypeMask, owner_from_ranks, ranks_from_ratio, typed_basis
@@ -20,26 +20,9 @@ from freeact.transforms.typed import TypeMask, owner_from_ranks, ranks_from_rati
 Q4 = QuantSpec(4)
 
 
-_STREAM = {}
-
-
 def build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=None):
-    """As :func:`freeact.data.calib.build_calib_set`, on the first 100k characters (tokenized once)."""
-    if source not in _STREAM:
-        _STREAM[source] = token_stream(tokenizer, read_text(source, max_chars=100_000))
-    clean = random_windows(_STREAM[source], n, seqlen, seed)
-    if mask_token_id is None:
-        return CalibSet(clean, clean)
-    masked, _ = mask_tokens(clean, mask_token_id, torch.Generator().manual_seed(seed + 1))
-    return CalibSet(masked, clean)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box is shared; thread oversubscription costs 10x here
-    yield
-    torch.set_num_threads(n)
+    """The library's calibration set, on the first 100k characters of the corpus (fast)."""
+    return _build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=mask_token_id, max_chars=100_000)
 
 
 def rel(a, b):

@@ -126,19 +126,20 @@ class Method:
             for lin in block.linears().values():
                 attach_input_quantizer(lin, InputQuantizer(ctx.quant.act, ctx.input_transforms.get(lin),
                                                            learnable_clip=ctx.learnable_act_clip))
-        algo = self.cfg.get("weight_algo", "rtn")
-        if ctx.quant.weight.enabled:
-            if algo == "gptq":
-                self.gptq(ctx)
-            elif algo == "rtn":
-                self.rtn(ctx)
-            elif algo != "none":
-                raise ValueError(f"weight_algo must be rtn, gptq or none, got {algo!r}")
+        self.quantize_weights(ctx)
         if ctx.quant.kv.enabled or ctx.qk_transform is not None:
             make_qk = ctx.qk_transform or (lambda: None)
             install_qkv_hooks(ctx.model, [b.attn for b in ctx.adapter.blocks()],
                               lambda: QKVHook(ctx.quant.kv, make_qk()))
         return info
+
+    def quantize_weights(self, ctx: QuantContext) -> None:
+        """Quantize every block linear's weight with the configured ``weight_algo``."""
+        algo = self.cfg.get("weight_algo", "rtn")
+        if algo not in ("rtn", "gptq", "none"):
+            raise ValueError(f"weight_algo must be rtn, gptq or none, got {algo!r}")
+        if ctx.quant.weight.enabled and algo != "none":
+            self.gptq(ctx) if algo == "gptq" else self.rtn(ctx)
 
     def rtn(self, ctx: QuantContext) -> None:
         mse = bool(self.cfg.get("mse_clip", False))

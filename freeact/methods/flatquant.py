@@ -177,14 +177,7 @@ class FlatQuant(Method):
     # -- pipeline -------------------------------------------------------------------------------
     def apply(self, ctx: QuantContext) -> dict:
         info = dict(self.transform(ctx) or {})
-        algo = self.cfg.get("weight_algo", "rtn")
-        if ctx.quant.weight.enabled:
-            if algo == "gptq":
-                self.gptq(ctx)
-            elif algo == "rtn":
-                self.rtn(ctx)
-            elif algo != "none":
-                raise ValueError(f"weight_algo must be rtn, gptq or none, got {algo!r}")
+        self.quantize_weights(ctx)
         return info
 
     def transform(self, ctx: QuantContext) -> dict:

@@ -7,6 +7,13 @@ from .adapter import Block, ModelAdapter, register_adapter
 from .dllm import DreamModelLM, LLaDAModelLM
 
 
+def llama_block(L) -> Block:
+    """The parts of a LLaMA-layout decoder layer (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)."""
+    a, m = L.self_attn, L.mlp
+    return Block(L, a, L.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                 L.post_attention_layernorm, m.gate_proj, m.up_proj, m.down_proj)
+
+
 @register_adapter(LlamaForCausalLM, Qwen2ForCausalLM)
 class LlamaLikeAdapter(ModelAdapter):
     objective = "ar"
@@ -18,10 +25,7 @@ class LlamaLikeAdapter(ModelAdapter):
         return self.model.model.layers
 
     def block(self, i):
-        L = self.layers()[i]
-        a, m = L.self_attn, L.mlp
-        return Block(L, a, L.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                     L.post_attention_layernorm, m.gate_proj, m.up_proj, m.down_proj)
+        return llama_block(self.layers()[i])
 
     def embeddings(self):
         return self.model.model.embed_tokens

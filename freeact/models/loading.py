@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from .dllm import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapter import Block, ModelAdapter
+from .adapter import ModelAdapter
+from .llama import llama_block
 
 
 class VisionLanguageAdapter(ModelAdapter):
@@ -56,10 +57,7 @@ class VisionLanguageAdapter(ModelAdapter):
         return self.language_model().layers
 
     def block(self, i):
-        L = self.layers()[i]
-        a, m = L.self_attn, L.mlp
-        return Block(L, a, L.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                     L.post_attention_layernorm, m.gate_proj, m.up_proj, m.down_proj)
+        return llama_block(self.layers()[i])
 
     def embeddings(self):
         return self.language_model().embed_tokens
