@@ -14,7 +14,7 @@ import torch
 from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
-from freeact.kernels.act_quant import FusedInputQuantizer, kernel_tiling, kron_spec
+from freeact.kernels.act_quant import FusedInputQuantizer, kernel_tiling, kron_spec, triton_supports
 from freeact.kernels.hadamard import sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
 from freeact.methods import QuantContext, QuantSettings, get_method
@@ -341,6 +341,11 @@ def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
     float32: against the float64 math (an eager float32 reference on a GPU may run its products in TF32,
     e.g. under TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1)."""
     dev, d = "cuda", d_l * d_r
+    if not triton_supports(d_l, d_r, dtype):
+        with pytest.raises(RuntimeError, match="does not fit"):
+            fused_act_quant(torch.zeros(2, d, device=dev, dtype=dtype), torch.eye(d_l, device=dev),
+                            torch.eye(d_r, device=dev), backend="triton")
+        return
     g = torch.Generator(device=dev).manual_seed(d)
     x = torch.randn(300, d, device=dev, generator=g).to(dtype)
     x[:, 3] *= 30  # an outlier channel
@@ -426,3 +431,10 @@ def test_cuda_streaming_gptq_matches_resident(tiny_model):
     with torch.no_grad():
         lb = b.cuda()(input_ids=calib.input_ids.cuda()).logits
     torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+
+
+def test_float32_two_pass_tiles_run_eagerly():
+    """float32 at d = 18944 (128 x 148) does not fit the GPU's shared memory (seen on an H200):
+    the auto backend must not pick Triton for it; half precision and single-pass tiles can."""
+    assert not triton_supports(128, 148, torch.float32)
+    assert triton_supports(128, 148, torch.bfloat16) and triton_supports(64, 64, torch.float32)

@@ -88,7 +88,13 @@ def kernel_tiling(d_l: int, d_r: int) -> dict:
             "padding": tile / (d_l * d_r)}
 
 
-def _pick_backend(backend: str, x: Tensor, needs_grad: bool) -> str:
+def triton_supports(d_l: int, d_r: int, dtype: torch.dtype) -> bool:
+    """float32 two-pass tiles (e.g. d = 18944 as 128 x 148) need more shared memory than an H100/H200
+    has (measured: 288 KiB asked, 227 KiB available); those run eagerly. Half precision fits."""
+    return dtype != torch.float32 or kernel_tiling(d_l, d_r)["passes"] == 1
+
+
+def _pick_backend(backend: str, x: Tensor, needs_grad: bool, d_l: int = 1, d_r: int = 1) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "eager":
@@ -99,8 +105,11 @@ def _pick_backend(backend: str, x: Tensor, needs_grad: bool) -> str:
             raise RuntimeError("backend='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
         if needs_grad:
             raise RuntimeError("the Triton kernel has no backward: use backend='eager' under autograd")
+        if not triton_supports(d_l, d_r, x.dtype):
+            raise RuntimeError(f"the Triton kernel does not fit a float32 {d_l}x{d_r} tile: use bf16/fp16 or eager")
         return "triton"
-    return "triton" if (ok and not needs_grad and x.dtype in (torch.float32, *_HALF)) else "eager"
+    fits = x.dtype in (torch.float32, *_HALF) and triton_supports(d_l, d_r, x.dtype)
+    return "triton" if (ok and not needs_grad and fits) else "eager"
 
 
 def _check_inputs(x: Tensor, P_l: Tensor, P_r: Tensor, masks, types, bits: int, clip: float, in_scale) -> int:
@@ -353,7 +362,7 @@ def fused_act_quant(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = 
     d = _check_inputs(x, P_l, P_r, masks, types, bits, clip_f, in_scale)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, P_l, P_r, in_scale))
-    if _pick_backend(backend, x, needs_grad) == "eager":
+    if _pick_backend(backend, x, needs_grad, P_l.shape[0], P_r.shape[0]) == "eager":
         return act_quant_eager(x, P_l, P_r, masks, types, bits, clip, in_scale, out_mul)
     ops = prepare_operands(P_l, P_r, in_scale, masks, x.dtype, x.device)
     y = _launch(x.reshape(-1, d), ops, types, 1 if bits < 16 else 0, int(bits), clip_f, out_mul, split_z)
@@ -369,7 +378,7 @@ def act_quant_int8(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = N
     d = _check_inputs(x, P_l, P_r, masks, types, bits, clip, in_scale)
     if bits > 8:
         raise ValueError(f"int8 codes need bits <= 8, got {bits}")
-    if _pick_backend(backend, x, False) == "eager":
+    if _pick_backend(backend, x, False, P_l.shape[0], P_r.shape[0]) == "eager":
         return act_quant_int8_eager(x, P_l, P_r, masks, types, clip, in_scale, out_mul, bits)
     ops = prepare_operands(P_l, P_r, in_scale, masks, x.dtype, x.device)
     return _launch(x.reshape(-1, d), ops, types, 2, int(bits), float(clip), out_mul, split_z)
@@ -384,6 +393,7 @@ class KronActQuant:
                  out_mul: float = 1.0, split_z: bool = False):
         self.P_l, self.P_r, self.in_scale, self.masks = P_l, P_r, in_scale, masks
         self.out_mul, self.split_z = float(out_mul), bool(split_z)
+        self._dims = (P_l.shape[0], P_r.shape[0])
         self._ops: dict = {}
 
     def _prepared(self, x: Tensor) -> dict:
@@ -396,7 +406,7 @@ class KronActQuant:
                  backend: str = "auto") -> Tensor:
         clip = float(clip)
         d = _check_inputs(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale)
-        if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad) == "eager":
+        if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad, *self._dims) == "eager":
             return act_quant_eager(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale, self.out_mul)
         y = _launch(x.reshape(-1, d), self._prepared(x), types, 1 if bits < 16 else 0, int(bits), clip,
                     self.out_mul, self.split_z)
@@ -407,7 +417,7 @@ class KronActQuant:
         d = _check_inputs(x, self.P_l, self.P_r, self.masks, types, bits, float(clip), self.in_scale)
         if bits > 8:
             raise ValueError(f"int8 codes need bits <= 8, got {bits}")
-        if _pick_backend(backend, x, False) == "eager":
+        if _pick_backend(backend, x, False, *self._dims) == "eager":
             return act_quant_int8_eager(x, self.P_l, self.P_r, self.masks, types, clip, self.in_scale, self.out_mul,
                                         bits)
         return _launch(x.reshape(-1, d), self._prepared(x), types, 2, int(bits), float(clip), self.out_mul,
