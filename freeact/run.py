@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
     from .experiment import run_experiment
-    from .tracking.results import append_row, find_row
+    from .tracking.results import append_row, find_row, flatten
 
     if not get_method(cfg.method.name, {}).quantizes:  # record what really ran: nothing quantized
         cfg.quant.name = "fp16"
@@ -44,7 +44,9 @@ def main(cfg: DictConfig) -> float | None:
 
         row["wandb_dir"] = log_to_wandb(row, OmegaConf.to_container(cfg, resolve=True), cfg.logger, row["run_dir"])
     append_row(results, row)
-    shown = {k: v for k, v in row.items() if k.startswith(cfg.eval.name + ".") or k.endswith("seconds")}
+    config_keys = set(flatten(cfg))
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+             if k not in config_keys and isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(f"freeact: {cfg.model.name} {cfg.method.name} {cfg.quant.name} -> {shown}")
     return None
 
