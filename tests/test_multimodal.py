@@ -246,8 +246,19 @@ def test_public_fusion_and_rotation_are_invariant_with_an_image(make_vlm, proces
     assert rel(out, ref) < RTOL
 
 
-def test_quarot_method_is_invariant_on_a_vlm_without_quantization(make_vlm, processor, records):
-    pytest.importorskip("freeact.methods.quarot")
+VLM_METHODS = {
+    "quarot": {"weight_algo": "rtn"},
+    "smoothquant": {"weight_algo": "rtn"},
+    "spinquant": {"weight_algo": "rtn", "steps": 2},
+    "flatquant": {"weight_algo": "rtn", "epochs": 1},
+    "freeact": {"weight_algo": "rtn", "epochs": 1, "token_types": ["vision", "text"], "rank_ratio": 0.0},
+}
+
+
+@pytest.mark.parametrize("method", list(VLM_METHODS))
+def test_methods_are_invariant_on_a_vlm_without_quantization(make_vlm, processor, records, method):
+    """Every transform method, calibrated on image-text data, keeps the VLM's logits (float64,
+    quantization off, an image in the prompt). FreeAct at r_k = 0: its exact (rotation) part."""
     from freeact.methods import QuantContext, QuantSettings, get_method
     from freeact.quant.quantizer import QuantSpec
 
@@ -257,8 +268,10 @@ def test_quarot_method_is_invariant_on_a_vlm_without_quantization(make_vlm, proc
     with torch.no_grad():
         ref = model(**batch).logits
     off = QuantSpec(bits=16)
-    ctx = QuantContext(model, a, QuantSettings(off, off, off), None, progress=False)
-    get_method("quarot", {"weight_algo": "rtn"}).apply(ctx)
+    calib = MultimodalCalibSet(records[:4], processor)
+    ctx = QuantContext(model, a, QuantSettings(off, off, off), calib, batch_size=2, progress=False)
+    get_method(method, VLM_METHODS[method]).apply(ctx)
+    model.to(torch.float64)
     with torch.no_grad():
         out = model(**batch).logits
     assert rel(out, ref) < RTOL
