@@ -63,6 +63,12 @@ def fmt(mean, std, n, digits) -> str:
 
 def build_table(df: pd.DataFrame, rows: list[str], cols: str, metrics: list[str], digits: int = 2):
     """Returns (table of strings, table of means, bold mask)."""
+    keys = rows + ([cols] if cols != "metric" else [])
+    missing = [k for k in keys if k not in df]
+    if missing:
+        raise SystemExit(f"no column {missing} in the results (columns: {sorted(df.columns)[:20]} ...)")
+    df = df.copy()
+    df[keys] = df[keys].astype(object).where(df[keys].notna(), "–")  # a key a method does not have
     if cols == "metric":
         agg = aggregate(df, rows, metrics)
         means = agg["mean"].copy()
