@@ -19,10 +19,14 @@ from .models.token_types import TokenTypes
 
 
 @torch.no_grad()
-def activation_stats(model, adapter, batches, token_types: TokenTypes | None = None, spectra: bool = False):
-    """Returns a DataFrame (one row per layer x linear x type) and, if ``spectra``, a dict
+def activation_stats(model, adapter, batches, token_types: TokenTypes | None = None, spectra: bool = False,
+                     include_all: bool = False):
+    """Returns a DataFrame (one row per layer x linear x type; type ``"all"`` = every token, always
+    present without ``token_types`` and added by ``include_all``) and, if ``spectra``, a dict
     ``{(layer, linear, type): eigenvalues (descending, float64)}``."""
-    names = token_types.names if token_types is not None else ["all"]
+    names = token_types.names if token_types is not None else []
+    if token_types is None or include_all:
+        names = names + ["all"]
     absmax = defaultdict(lambda: None)  # (layer, lin, type) -> per-channel max |x|
     sums = defaultdict(float)
     counts = defaultdict(int)
@@ -37,7 +41,7 @@ def activation_stats(model, adapter, batches, token_types: TokenTypes | None = N
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 t = current.get("types")
                 for ti, tname in enumerate(names):
-                    xs = x if t is None else x[t.reshape(-1) == ti]
+                    xs = x if (t is None or tname == "all") else x[t.reshape(-1) == ti]
                     if xs.numel() == 0:
                         continue
                     k = key + (tname,)
@@ -62,8 +66,10 @@ def activation_stats(model, adapter, batches, token_types: TokenTypes | None = N
     for k, amax in absmax.items():
         n = counts[k]
         var = m2[k] / n
+        med = amax.median().item()
         rows.append({"layer": k[0], "linear": k[1], "type": k[2], "tokens": n // amax.numel(),
-                     "mean_abs": sums[k] / n, "max_over_median": (amax.max() / amax.median().clamp_min(1e-12)).item(),
+                     "mean_abs": sums[k] / n, "max_over_median": amax.max().item() / max(med, 1e-12),
+                     "max": amax.max().item(), "median": med, "top_channel": int(amax.argmax()),
                      "kurtosis": (m4[k] / n) / max(var**2, 1e-30)})
     df = pd.DataFrame(rows)
     if not spectra:

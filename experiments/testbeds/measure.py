@@ -31,16 +31,15 @@ from hydra import compose, initialize_config_dir
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-
-from activation_stats import input_channel_stats  # noqa: E402
 
 from freeact import config as _config  # noqa: E402,F401  (registers the config schemas)
 from freeact.config import config_hash, validate  # noqa: E402
 from freeact.data.text import chunks, mask_tokens, random_windows, read_text, token_stream  # noqa: E402
 from freeact.experiment import git_commit, load_model, run_experiment  # noqa: E402
 from freeact.methods import method_names  # noqa: E402
+from freeact.analysis import activation_stats  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402
+from freeact.models.token_types import TokenTypes  # noqa: E402
 
 TESTBEDS = {"dllm": "testbed_dllm", "ar": "testbed_ar"}
 # row name -> (method config, quant config, extra overrides)
@@ -53,6 +52,16 @@ METHODS = {
 METHOD_LABELS = {"fp16": "FP16 (no quantization)", "rtn": "W4A4 RTN",
                  "quarot_rtn": "W4A4 QuaRot, RTN weights", "quarot": "W4A4 QuaRot, GPTQ weights (paper setting)"}
 GROUPS = ("qkv", "o", "gate_up", "down")
+GROUP_OF = {"q": "qkv", "o": "o", "up": "gate_up", "down": "down"}  # linears that share an input: once
+
+
+def input_channel_stats(model, adapter, batches, token_types=None) -> dict:
+    """``{(layer, group, type): {ratio, max, median, top_channel, mean_abs}}`` (type "all": every token)."""
+    df = activation_stats(model, adapter, batches, token_types, include_all=True)
+    df = df[df.linear.isin(list(GROUP_OF))]
+    return {(r.layer, GROUP_OF[r.linear], r.type): {"ratio": r.max_over_median, "max": r.max, "median": r.median,
+                                                    "top_channel": r.top_channel, "mean_abs": r.mean_abs}
+            for r in df.itertuples()}
 
 
 def parse_args(argv=None):
@@ -109,10 +118,9 @@ def stats_section(name: str, model, tok, a) -> dict:
     adapter = get_adapter(model)
     if name == "dllm":
         xin, _ = mask_tokens(x, adapter.mask_token_id, torch.Generator().manual_seed(a.seed + 1))
-        types = (xin == adapter.mask_token_id).long()  # 0 unmasked, 1 mask
-        batches = list(xin.split(2))
-        s = input_channel_stats(model, adapter, batches, list(types.split(2)), ("unmasked", "mask"))
-        frac = types.float().mean().item()
+        tt = TokenTypes([("mask", [adapter.mask_token_id]), ("unmasked", None)])
+        s = input_channel_stats(model, adapter, list(xin.split(2)), tt)
+        frac = (xin == adapter.mask_token_id).float().mean().item()
     else:
         s = input_channel_stats(model, adapter, list(x.split(2)))
         frac = None
