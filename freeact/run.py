@@ -43,7 +43,8 @@ def main(cfg: DictConfig) -> float | None:
         from .tracking.wandb_logger import log_to_wandb
 
         row["wandb_dir"] = log_to_wandb(row, OmegaConf.to_container(cfg, resolve=True), cfg.logger, row["run_dir"])
-    append_row(results, row)
+    if not append_row(results, row, allow_duplicate=cfg.force):
+        print(f"freeact: {run_hash} was written meanwhile by another job with the same config: row not duplicated")
     config_keys = set(flatten(cfg))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
              if k not in config_keys and isinstance(v, (int, float)) and not isinstance(v, bool)}

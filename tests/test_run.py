@@ -99,4 +99,6 @@ def test_append_is_atomic_and_handles_new_columns(tmp_path):
     df = pd.read_csv(p)
     assert list(df["run_hash"]) == ["a", "b"] and pd.isna(df["new"][0]) and df["new"][1] == 3.5
     assert find_row(p, "b")["x"] == 2 and find_row(p, "zzz") is None
+    assert append_row(p, {"run_hash": "b", "status": "ok", "x": 99}) is False  # a parallel duplicate
+    assert list(pd.read_csv(p)["x"]) == [1, 2]
     assert not list(tmp_path.glob("*.tmp"))

@@ -44,10 +44,16 @@ def read_rows(path: str | os.PathLike) -> pd.DataFrame:
     return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
 
 
-def append_row(path: str | os.PathLike, row: dict) -> None:
+def append_row(path: str | os.PathLike, row: dict, allow_duplicate: bool = False) -> bool:
+    """Append ``row``; False (nothing written) if a finished row with the same ``run_hash`` is there
+    already (e.g. written by a parallel job that ran the same config), unless ``allow_duplicate``
+    (a forced rerun)."""
     p = Path(path)
     with _locked(p):
-        df = pd.concat([read_rows(p), pd.DataFrame([row])], ignore_index=True)
+        old = read_rows(p)
+        if not allow_duplicate and "run_hash" in row and _has_ok_row(old, row["run_hash"]):
+            return False
+        df = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
@@ -59,11 +65,17 @@ def append_row(path: str | os.PathLike, row: dict) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+    return True
+
+
+def _has_ok_row(df: pd.DataFrame, run_hash: str) -> bool:
+    if df.empty or "run_hash" not in df:
+        return False
+    return bool(((df["run_hash"] == run_hash) & (df.get("status", "ok") == "ok")).any())
 
 
 def find_row(path: str | os.PathLike, run_hash: str) -> dict | None:
     df = read_rows(path)
-    if df.empty or "run_hash" not in df:
+    if not _has_ok_row(df, run_hash):
         return None
-    hit = df[(df["run_hash"] == run_hash) & (df.get("status", "ok") == "ok")]
-    return None if hit.empty else hit.iloc[-1].to_dict()
+    return df[df["run_hash"] == run_hash].iloc[-1].to_dict()
