@@ -102,3 +102,12 @@ def test_append_is_atomic_and_handles_new_columns(tmp_path):
     assert append_row(p, {"run_hash": "b", "status": "ok", "x": 99}) is False  # a parallel duplicate
     assert list(pd.read_csv(p)["x"]) == [1, 2]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_wandb_logger_writes_an_offline_run(tmp_path):
+    res = cli(["model=tiny_llama", "logger=wandb", *FAST, f"results_file={tmp_path}/r.csv",
+               f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert read_rows(tmp_path / "r.csv")["wandb_dir"].iloc[0].startswith(str(runs[0]))
