@@ -70,8 +70,7 @@ def input_quantizers(model: nn.Module):
 def set_act_quant(model: nn.Module, enabled: bool) -> None:
     """Switch activation quantization on or off everywhere (transforms stay on)."""
     for m in model.modules():
-        if isinstance(m, (InputQuantizer,)) or hasattr(m, "quantize_kv"):
-            if isinstance(m, InputQuantizer):
-                m.quantize = enabled
-            else:
-                m.quantize_kv = enabled
+        if isinstance(m, InputQuantizer):
+            m.quantize = enabled
+        elif hasattr(m, "quantize_kv"):  # the KV-cache quantizer of a QKVHook
+            m.quantize_kv = enabled
