@@ -1,6 +1,7 @@
 """Measurements on a model's activations: outliers and spectra per token type, per-layer error.
 
-* :func:`activation_stats` hooks every block linear's input (the tensor the weight multiplies,
+* :func:`activation_stats` (batches: token ids, or a VLM's processor dicts; padded positions
+  are left out) hooks every block linear's input (the tensor the weight multiplies,
   i.e. after any installed online transform) and reports, per linear and per token type,
   mean |x|, the max/median ratio of per-channel magnitudes (the outlier measure used in the
   quantization literature), kurtosis, and the eigenvalue spectrum of the input covariance
@@ -40,6 +41,10 @@ def activation_stats(model, adapter, batches, token_types: TokenTypes | None = N
             def hook(mod, args, out, key=(i, lname)):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 t = current.get("types")
+                keep = current.get("keep")
+                if keep is not None:  # padding is not a token of any type
+                    x = x[keep]
+                    t = None if t is None else t.reshape(-1)[keep]
                 for ti, tname in enumerate(names):
                     xs = x if (t is None or tname == "all") else x[t.reshape(-1) == ti]
                     if xs.numel() == 0:
@@ -57,8 +62,11 @@ def activation_stats(model, adapter, batches, token_types: TokenTypes | None = N
             hooks.append(lin.register_forward_hook(hook))
     try:
         for batch in batches:
-            current["types"] = token_types.compute(batch) if token_types is not None else None
-            model(input_ids=batch, use_cache=False)
+            kw = dict(batch) if isinstance(batch, dict) else {"input_ids": batch}  # a VLM batch: processor dict
+            mask = kw.get("attention_mask")
+            current["keep"] = None if mask is None else mask.reshape(-1).bool()
+            current["types"] = token_types.compute(kw["input_ids"]) if token_types is not None else None
+            model(**kw, use_cache=False)
     finally:
         for h in hooks:
             h.remove()

@@ -163,11 +163,20 @@ def model_widths(m) -> dict:
 
 
 def _check_multimodal_source(cfg: DictConfig, key: str) -> None:
+    import importlib.util
+
+    from .data import easy_vqa
     from .data.multimodal import SYNTHETIC, jsonl_file
 
     _check(cfg.model.family == "vlm", f"{key}.kind=multimodal needs a vision-language model (model.family=vlm), "
                                       f"got model.family={cfg.model.family!r}")
     source = cfg[key].source
+    if easy_vqa.is_easy_vqa(source):
+        split = source[len(easy_vqa.PREFIX):]
+        _check(split in easy_vqa.SPLITS, f"{key}.source={source}: the split must be one of {easy_vqa.SPLITS}")
+        _check(importlib.util.find_spec("easy_vqa") is not None,
+               f"{key}.source={source} needs the easy-vqa package (pip install -e .[real])")
+        return
     if source == SYNTHETIC:
         _check(bool(cfg[key].get("nsamples")), f"{key}.nsamples must be > 0 for source=synthetic")
         return

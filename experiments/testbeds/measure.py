@@ -1,6 +1,6 @@
 """Measure the real testbeds on CPU and write results/testbeds.md (+ the raw numbers as JSON).
 
-For each testbed (``model=testbed_dllm``, ``model=testbed_ar``):
+For each testbed (``model=testbed_dllm``, ``testbed_dream``, ``testbed_ar``, ``testbed_vlm``):
 
 1. held-out likelihood on ``wiki.test`` at full precision: the Monte-Carlo ELBO (dLLM) or
    perplexity (AR), in nats/token and nats/byte; for the dLLM also the unigram baseline (the
@@ -11,6 +11,10 @@ For each testbed (``model=testbed_dllm``, ``model=testbed_ar``):
    by token type (masked / unmasked, the windows masked with t ~ U(0, 1) as in calibration);
 3. the method table: FP16 vs W4A4 RTN vs W4A4 QuaRot, each a full freeact run
    (:func:`freeact.experiment.run_experiment` on the composed configs).
+
+For ``testbed_vlm`` the held-out measure is the greedy-answer accuracy on easy-VQA test
+questions (``eval=mm_easyvqa``) next to two baselines that ignore the image, and the outlier
+statistics run on easy-VQA train questions with their images, split into vision / text tokens.
 
     /work/venv/bin/python experiments/testbeds/measure.py                       # both testbeds
     /work/venv/bin/python experiments/testbeds/measure.py --testbeds dllm --chunks 4 --mc 4 --no_write
@@ -41,7 +45,8 @@ from freeact.analysis import activation_stats  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402
 from freeact.models.token_types import TokenTypes  # noqa: E402
 
-TESTBEDS = {"dllm": "testbed_dllm", "ar": "testbed_ar"}
+TESTBEDS = {"dllm": "testbed_dllm", "dream": "testbed_dream", "ar": "testbed_ar", "vlm": "testbed_vlm"}
+MDM = ("dllm", "dream")  # masked-diffusion testbeds: ELBO, masked / unmasked token types
 # row name -> (method config, quant config, extra overrides)
 METHODS = {
     "fp16": ("fp16", "w16a16", []),
@@ -67,7 +72,7 @@ def input_channel_stats(model, adapter, batches, token_types=None) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--testbeds", nargs="+", default=["dllm", "ar"], choices=list(TESTBEDS))
-    p.add_argument("--methods", nargs="+", default=["fp16", "rtn", "quarot_rtn"], choices=list(METHODS),
+    p.add_argument("--methods", nargs="*", default=["fp16", "rtn", "quarot_rtn"], choices=list(METHODS),
                    help="rows of the method table (quarot = QuaRot with GPTQ weights, slow on CPU for testbed_ar)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--chunks", type=int, default=16, help="wiki.test chunks of --seqlen tokens per evaluation")
@@ -75,6 +80,8 @@ def parse_args(argv=None):
                    help="also the AR FP perplexity on this many chunks (0: all; -1: skip)")
     p.add_argument("--mc", type=int, default=16, help="Monte-Carlo draws per chunk (dLLM ELBO)")
     p.add_argument("--stat_windows", type=int, default=8, help="wiki.valid windows for the outlier statistics")
+    p.add_argument("--vqa_questions", type=int, default=500, help="easy-VQA test questions (testbed_vlm)")
+    p.add_argument("--vqa_stat_questions", type=int, default=64, help="easy-VQA train questions for the VLM statistics")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out_md", default=str(ROOT / "results" / "testbeds.md"))
     p.add_argument("--out_json", default=str(HERE / "measure_log.json"))
@@ -84,8 +91,11 @@ def parse_args(argv=None):
 
 
 def compose_cfg(model: str, method: str, quant: str, extra: list[str], a) -> object:
-    overrides = [f"model={model}", f"method={method}", f"quant={quant}", f"seed={a.seed}", "progress=false",
-                 f"eval.seqlen={a.seqlen}", f"eval.max_chunks={a.chunks}", f"eval.mc_num={a.mc}", *extra]
+    overrides = [f"model={model}", f"method={method}", f"quant={quant}", f"seed={a.seed}", "progress=false"]
+    if model == TESTBEDS["vlm"]:
+        overrides += ["eval=mm_easyvqa", "calib=mm_easyvqa", f"eval.nsamples={a.vqa_questions}", *extra]
+    else:
+        overrides += [f"eval.seqlen={a.seqlen}", f"eval.max_chunks={a.chunks}", f"eval.mc_num={a.mc}", *extra]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=overrides)
 
@@ -103,20 +113,52 @@ def unigram_baselines(tok, test: torch.Tensor) -> dict:
 
 
 def likelihood_section(name: str, model, tok, a) -> dict:
-    """Evaluated token count, bytes, and (dLLM) the unigram baselines of the evaluated text."""
+    """Evaluated token count, bytes, and (dLLM) the unigram baselines of the evaluated text;
+    for the VLM the easy-VQA accuracy at full precision and the baselines without the image."""
+    if name == "vlm":
+        from freeact.data.easy_vqa import chance_accuracy
+        from freeact.eval.multimodal import evaluate_multimodal
+        from freeact.experiment import load_model_processor
+
+        cfg = compose_cfg(TESTBEDS["vlm"], "fp16", "w16a16", [], a)
+        m = evaluate_multimodal(model, load_model_processor(cfg.model), cfg.eval, progress=False)
+        return {"eval": cfg.eval.name, "questions": m[f"{cfg.eval.name}.n"], "vqa_acc": m[f"{cfg.eval.name}.vqa_acc"],
+                "answer_nll": m[f"{cfg.eval.name}.answer_nll"], **chance_accuracy("test")}
     ids = token_stream(tok, read_text("wiki.test"))
     ev = chunks(ids, a.seqlen, a.chunks)
     out = {"test_tokens_total": ids.numel(), "eval_tokens": ev.numel(), "eval_bytes": text_bytes(tok, ev)}
-    if name == "dllm":
+    if name in MDM:
         out.update(unigram_baselines(tok, ev))
     return out
 
 
+def vlm_stats_section(model, a) -> dict:
+    """Outlier statistics of the VLM's language model on easy-VQA train questions (image + question +
+    answer), split into vision (image placeholder) and text tokens; padding left out."""
+    from freeact.data.multimodal import build_mm_calib_set
+    from freeact.experiment import load_model_processor
+    from freeact.models.token_types import rules_from_names
+
+    cfg = compose_cfg(TESTBEDS["vlm"], "fp16", "w16a16", [], a)
+    adapter = get_adapter(model)
+    calib = build_mm_calib_set(load_model_processor(cfg.model), "easy_vqa/train", a.vqa_stat_questions, a.seed)
+    tt = TokenTypes(rules_from_names(adapter, ["vision", "text"]))
+    batches = list(calib.batches(8))
+    s = input_channel_stats(model, adapter, batches, tt)
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])
+    frac = torch.isin(ids, torch.tensor(adapter.vision_placeholder_ids())).float().mean().item()
+    return {"questions": a.vqa_stat_questions, "source": "easy_vqa/train", "tokens": ids.numel(),
+            "vision_fraction": frac, "types": ["vision", "text"],
+            "stats": [{"layer": k[0], "input": k[1], "tokens": k[2], **v} for k, v in sorted(s.items())]}
+
+
 def stats_section(name: str, model, tok, a) -> dict:
+    if name == "vlm":
+        return vlm_stats_section(model, a)
     ids = token_stream(tok, read_text("wiki.valid"))
     x = random_windows(ids, a.stat_windows, a.seqlen, a.seed)
     adapter = get_adapter(model)
-    if name == "dllm":
+    if name in MDM:
         xin, _ = mask_tokens(x, adapter.mask_token_id, torch.Generator().manual_seed(a.seed + 1))
         tt = TokenTypes([("mask", [adapter.mask_token_id]), ("unmasked", None)])
         s = input_channel_stats(model, adapter, list(xin.split(2)), tt)
@@ -125,6 +167,7 @@ def stats_section(name: str, model, tok, a) -> dict:
         s = input_channel_stats(model, adapter, list(x.split(2)))
         frac = None
     return {"windows": a.stat_windows, "seqlen": a.seqlen, "mask_fraction": frac,
+            "types": ["mask", "unmasked"] if name in MDM else [],
             "stats": [{"layer": k[0], "input": k[1], "tokens": k[2], **v} for k, v in sorted(s.items())]}
 
 
@@ -137,11 +180,16 @@ def method_rows(name: str, a) -> list[dict]:
         t0 = time.time()
         row, model = run_experiment(cfg, specs, config_hash(cfg))
         del model
+        e = cfg.eval.name
         r = {"row": key, "label": METHOD_LABELS[key], "method": method, "quant": quant,
-             "weight_algo": cfg.method.get("weight_algo"), "nll": row[f"{cfg.eval.name}.nll"],
-             "ppl": row[f"{cfg.eval.name}.ppl"], "eval_tokens": row[f"{cfg.eval.name}.eval_tokens"],
-             "quant_seconds": row["quant_seconds"], "seconds": round(time.time() - t0, 1)}
-        print(f"[{name}] {key}: nll {r['nll']:.4f} ppl {r['ppl']:.2f} ({r['seconds']}s)", flush=True)
+             "weight_algo": cfg.method.get("weight_algo"), "quant_seconds": row["quant_seconds"],
+             "seconds": round(time.time() - t0, 1)}
+        if name == "vlm":
+            r.update(vqa_acc=row[f"{e}.vqa_acc"], answer_nll=row[f"{e}.answer_nll"], questions=row[f"{e}.n"])
+            print(f"[{name}] {key}: accuracy {r['vqa_acc']:.4f} ({r['seconds']}s)", flush=True)
+        else:
+            r.update(nll=row[f"{e}.nll"], ppl=row[f"{e}.ppl"], eval_tokens=row[f"{e}.eval_tokens"])
+            print(f"[{name}] {key}: nll {r['nll']:.4f} ppl {r['ppl']:.2f} ({r['seconds']}s)", flush=True)
         rows.append(r)
     return rows
 
@@ -182,6 +230,7 @@ def measure(a, res: dict) -> dict:
         validate(cfg, method_names())
         model, tok = load_model(cfg.model, "cpu", seed=a.seed)
         c = model.config
+        c = getattr(c, "text_config", c)  # a VLM: its language model
         tb = {"model": TESTBEDS[name], "run": run_info(a), "params": sum(p.numel() for p in model.parameters()),
               "arch": {k: getattr(c, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "num_key_value_heads", "intermediate_size", "vocab_size")}}
@@ -215,7 +264,7 @@ def render(res: dict) -> str:
         r, s = tb["run"], tb["run"]["settings"]
         L.append(f"| {tb['model']} | {r['date']} | {r['machine']}; torch {r['torch']}, transformers "
                  f"{r['transformers']} | {r['git_commit']} | `{r['command']}` | {s['seqlen']} | {s['chunks']} | "
-                 f"{s['mc'] if name == 'dllm' else ''} |")
+                 f"{s['mc'] if name in MDM else ''} |")
     L.append("")
     L += ["## Held-out likelihood at full precision", "",
           "| testbed | params | evaluated tokens (bytes) | nats/token | nats/byte | perplexity (bound) | "
@@ -224,13 +273,16 @@ def render(res: dict) -> str:
     for name, tb in res["testbeds"].items():
         fp = next((r for r in tb["methods"] if r["row"] == "fp16"), None)
         t = tb["text"]
+        if name == "vlm":
+            continue
         if fp:
             L.append(f"| {tb['model']} | {tb['params'] / 1e6:.1f}M | {fp['eval_tokens']:,} ({t['eval_bytes']:,}) | "
                      f"{_f(fp['nll'])} | {_f(fp['nll'] * fp['eval_tokens'] / t['eval_bytes'])} | {fp['ppl']:.2f} | "
                      f"{_f(t.get('train_unigram_ce'))} | {_f(t.get('test_unigram_entropy'))} |")
-        log = HERE / "train_log.json"
-        if name == "dllm" and log.exists():
-            t = json.loads(log.read_text())["test_elbo"].get("seqlen512")
+        log = HERE / {"dllm": "train_log.json", "dream": "train_dream_log.json"}.get(name, "-")
+        if name in MDM and log.exists():
+            t = json.loads(log.read_text())["test_elbo"]
+            t = t.get("seqlen512") if name == "dllm" else t
             if t:
                 L.append(f"| {tb['model']} (all chunks, {t['mc_num']} draws, H200 after training) | | "
                          f"{t['eval_tokens']:,} | {_f(t['nll'])} | | {t['ppl']:.2f} | | |")
@@ -241,11 +293,34 @@ def render(res: dict) -> str:
     L += ["", "For the dLLM the nats/token are the Monte-Carlo ELBO bound (LLaDA's estimator). For the AR model "
           "nats/byte divides by the bytes of the whole chunks, including each chunk's first token, which is "
           "not predicted.", ""]
+    vlm = res["testbeds"].get("vlm")
+    if vlm:
+        t = vlm["text"]
+        L += ["## Held-out accuracy at full precision: testbed_vlm", "",
+              f"easy-VQA test split, a seeded sample of {t['questions']} questions (`conf/eval/mm_easyvqa.yaml`), "
+              "greedy answer scored by VQA accuracy. The baselines ignore the image: a uniform guess among the "
+              "answers of the question's kind (yes/no, shape, colour), and the train split's most frequent answer "
+              "for the same question text (over the whole test split).", "",
+              "| testbed | params | questions | accuracy | answer NLL (nats/token) | uniform guess within kind | "
+              "question prior |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+              f"| {vlm['model']} | {vlm['params'] / 1e6:.1f}M | {t['questions']} | {_f(t['vqa_acc'])} | "
+              f"{_f(t['answer_nll'])} | {_f(t['uniform_within_kind'])} | {_f(t['question_prior'])} |"]
+        log = HERE / "train_vlm_log.json"
+        if log.exists():
+            g = json.loads(log.read_text())
+            L.append(f"| {vlm['model']} (all {g['test_questions']:,} test questions, H200 after training, "
+                     f"teacher-forced exact match) | | {g['test_questions']:,} | {_f(g['test_acc'])} | | | |")
+        L.append("")
     L += ["## Methods (W4A4: per-channel symmetric 4-bit weights, per-token symmetric 4-bit activations)", "",
           "| testbed | row | weights | nats/token | perplexity | increase over FP16 (nats/token) | quantization s |",
           "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for name, tb in res["testbeds"].items():
-        fp = next((r["nll"] for r in tb["methods"] if r["row"] == "fp16"), None)
+        fp = next((r.get("nll") for r in tb["methods"] if r["row"] == "fp16"), None)
+        if name == "vlm":
+            for r in tb["methods"]:
+                L.append(f"| {tb['model']} | {r['label']} | {'' if r['row'] == 'fp16' else r['weight_algo']} | "
+                         f"accuracy {_f(r['vqa_acc'])} | | | {r['quant_seconds']:.0f} |")
+            continue
         for r in tb["methods"]:
             d = "" if fp is None or r["row"] == "fp16" else f"{r['nll'] - fp:+.3f}"
             w = "" if r["row"] == "fp16" else r["weight_algo"]
@@ -260,19 +335,23 @@ def render(res: dict) -> str:
     for name, tb in res["testbeds"].items():
         o = tb["outliers"]
         st = o["stats"]
+        where = (f"{o['questions']} easy-VQA train questions with their images ({o['tokens']:,} tokens, "
+                 f"{o['vision_fraction']:.0%} of them image tokens)" if name == "vlm" else
+                 f"{o['windows']} windows of {o['seqlen']} tokens from `wiki.valid`"
+                 + (f", masked with t ~ U(0,1) per window ({o['mask_fraction']:.0%} of the tokens masked)" if
+                    o["mask_fraction"] is not None else ""))
         L += [f"## Input-channel outliers: {tb['model']}", "",
-              f"{o['windows']} windows of {o['seqlen']} tokens from `wiki.valid`"
-              + (f", masked with t ~ U(0,1) per window ({o['mask_fraction']:.0%} of the tokens masked)" if
-                 o["mask_fraction"] is not None else "")
-              + ". Ratio = max over input channels of (max over tokens |x|) / its median over channels. "
-                "`qkv` is the input of q/k/v_proj, `gate_up` of gate/up_proj.", ""]
-        if name == "dllm":
-            L += ["| layer | input | ratio, all tokens | ratio, masked | ratio, unmasked | mean abs x, masked | "
-                  "mean abs x, unmasked | top channel |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              where + ". Ratio = max over input channels of (max over tokens |x|) / its median over channels. "
+                      "`qkv` is the input of q/k/v_proj, `gate_up` of gate/up_proj.", ""]
+        types = o.get("types") or (["mask", "unmasked"] if name in MDM else [])
+        if types:
+            t1, t2 = types
+            L += [f"| layer | input | ratio, all tokens | ratio, {t1} | ratio, {t2} | mean abs x, {t1} | "
+                  f"mean abs x, {t2} | top channel |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
             idx = {(e["layer"], e["input"], e["tokens"]): e for e in st}
             for layer in sorted({e["layer"] for e in st}):
                 for g in GROUPS:
-                    a_, m_, u_ = (idx.get((layer, g, k)) for k in ("all", "mask", "unmasked"))
+                    a_, m_, u_ = (idx.get((layer, g, k)) for k in ("all", t1, t2))
                     L.append(f"| {layer} | {g} | {a_['ratio']:.1f} | {m_['ratio']:.1f} | {u_['ratio']:.1f} | "
                              f"{m_['mean_abs']:.3f} | {u_['mean_abs']:.3f} | {a_['top_channel']} |")
         else:

@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--shard_mb", type=float, default=15.0)
     p.add_argument("--tiny", action="store_true", help="tiny model and a few steps: a CPU smoke test")
     p.add_argument("--max_chars", type=int, default=None, help="read at most this many chars per corpus")
+    p.add_argument("--bos", action="store_true",
+                   help="every window starts with the BOS token (never masked, never scored), as LLaDA's "
+                        "training data does; the model's config then says bos_prefix and evaluations add it")
     return p.parse_args(argv)
 
 
@@ -87,20 +90,28 @@ def lr_at(step: int, total: int | None, a) -> float:
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def mask_batch(x: torch.Tensor, mask_id: int, gen: torch.Generator, t: torch.Tensor | None = None):
+def mask_batch(x: torch.Tensor, mask_id: int, gen: torch.Generator, t: torch.Tensor | None = None,
+               bos: bool = False):
     b, l = x.shape
     if t is None:
         t = torch.rand(b, device=x.device, generator=gen)
     t = (1 - EPS) * t + EPS
     m = torch.rand(b, l, device=x.device, generator=gen) < t[:, None]
+    if bos:
+        m[:, 0] = False  # the start token is context, never a target
     return torch.where(m, torch.full_like(x, mask_id), x), m, t
 
 
-def mdm_loss(model, x: torch.Tensor, x_in: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Per-sequence LLaDA loss: sum over masked tokens of CE / t, divided by the length. (b,)"""
+def mdm_loss(model, x: torch.Tensor, x_in: torch.Tensor, m: torch.Tensor, t: torch.Tensor,
+             n_target: int, shift: bool = False) -> torch.Tensor:
+    """Per-sequence LLaDA loss: sum over masked tokens of CE / t, divided by the number of
+    scorable tokens ``n_target``. (b,) ``shift``: Dream's alignment, the output at position
+    i - 1 scores token i (position 0 scores itself), as :meth:`ModelAdapter.logits` does."""
     logits = model(input_ids=x_in, use_cache=False).logits
+    if shift:
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     ce = F.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="none").view_as(x)
-    return (ce * m / t[:, None]).sum(1) / x.shape[1]
+    return (ce * m / t[:, None]).sum(1) / n_target
 
 
 def check_bidirectional(model, vocab: int, device: str) -> None:
@@ -116,16 +127,28 @@ def check_bidirectional(model, vocab: int, device: str) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model, val_x, val_in, val_m, val_t, batch: int, amp) -> float:
+def validation_loss(model, val_x, val_in, val_m, val_t, batch: int, amp, n_target: int, shift: bool = False) -> float:
     """Mean per-token ELBO (nats/token) over fixed masked copies of the validation chunks."""
     model.eval()
     tot = 0.0
     for i in range(0, len(val_x), batch):
         with amp():
             tot += mdm_loss(model, val_x[i:i + batch], val_in[i:i + batch], val_m[i:i + batch],
-                            val_t[i:i + batch]).sum().item()
+                            val_t[i:i + batch], n_target, shift).sum().item()
     model.train()
     return tot / len(val_x)
+
+
+@torch.no_grad()
+def outlier_summary(model, batches: torch.Tensor, device: str) -> list[dict]:
+    """Per block linear: max over input channels of max|x| / median channel (all tokens of the
+    masked validation windows ``batches``), largest first."""
+    from freeact.analysis import activation_stats
+
+    df = activation_stats(model, get_adapter(model), [b[None].to(device) for b in batches])
+    df = df.sort_values("max_over_median", ascending=False)
+    return [{"layer": int(r.layer), "linear": r.linear, "ratio": float(r.max_over_median), "max": float(r.max)}
+            for r in df.itertuples()]
 
 
 def main(argv=None):
@@ -168,11 +191,16 @@ def main(argv=None):
 
     gen = torch.Generator(device=device).manual_seed(a.seed)
     vgen = torch.Generator(device=device).manual_seed(a.seed + 1)
-    n_val = min(a.val_chunks, val_ids.numel() // a.seqlen)
-    val_x = val_ids[: n_val * a.seqlen].view(n_val, a.seqlen).to(device).repeat(2, 1)
+    bos = int(a.bos)
+    text_len = a.seqlen - bos
+    n_val = min(a.val_chunks, val_ids.numel() // text_len)
+    val_x = val_ids[: n_val * text_len].view(n_val, text_len).to(device).repeat(2, 1)
+    if bos:
+        val_x = torch.cat([torch.full_like(val_x[:, :1], tok.bos_token_id), val_x], 1)
     val_t = ((torch.arange(2 * n_val, device=device) + torch.rand(2 * n_val, device=device, generator=vgen))
              / (2 * n_val))[torch.randperm(2 * n_val, device=device, generator=vgen)]
-    val_in, val_m, val_t = mask_batch(val_x, mask_id, vgen, val_t)
+    val_in, val_m, val_t = mask_batch(val_x, mask_id, vgen, val_t, bos=a.bos)
+    vloss = lambda: validation_loss(model, val_x, val_in, val_m, val_t, 64, amp, text_len)  # noqa: E731
 
     loss_fn = mdm_loss
     compiled = None
@@ -187,21 +215,23 @@ def main(argv=None):
         L = a.short_seqlen if short else a.seqlen
         B = max(1, a.batch_tokens // L)
         starts = torch.randint(0, stream.numel() - L, (B,), device=device, generator=gen)
-        x = stream[starts[:, None] + ar[:L]]
-        x_in, m, t = mask_batch(x, mask_id, gen)
+        x = stream[starts[:, None] + ar[:L - bos]]
+        if bos:
+            x = torch.cat([torch.full_like(x[:, :1], tok.bos_token_id), x], 1)
+        x_in, m, t = mask_batch(x, mask_id, gen, bos=a.bos)
         for g in opt.param_groups:
             g["lr"] = lr
         with amp():
             if compiled is not None:
                 try:
-                    loss = compiled(model, x, x_in, m, t).mean()
+                    loss = compiled(model, x, x_in, m, t, L - bos).mean()
                 except Exception as e:  # noqa: BLE001  (any compiler failure: train eagerly instead)
                     print(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly", flush=True)
                     compiled = None
                     opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model, x, x_in, m, t).mean()
+                    loss = loss_fn(model, x, x_in, m, t, L - bos).mean()
             else:
-                loss = loss_fn(model, x, x_in, m, t).mean()
+                loss = loss_fn(model, x, x_in, m, t, L - bos).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
         opt.step()
@@ -219,7 +249,7 @@ def main(argv=None):
     step = 0
     while total is None or step < total:
         if step % a.eval_every == 0:
-            v = validation_loss(model, val_x, val_in, val_m, val_t, 64, amp)
+            v = vloss()
             val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_loop, 1),
                               "valid_nll": v})
             if v < best[0]:
@@ -255,7 +285,7 @@ def main(argv=None):
             break
     sync()
     loop_seconds = time.time() - t_loop
-    v = validation_loss(model, val_x, val_in, val_m, val_t, 64, amp)
+    v = vloss()
     val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(loop_seconds, 1), "valid_nll": v})
     print(f"step {step:5d} | valid {v:.4f} nats/token (final)", flush=True)
     if v <= best[0]:
@@ -276,13 +306,18 @@ def main(argv=None):
         adapter = get_adapter(model)
         for sl in sorted({a.seqlen, a.short_seqlen}):
             r = elbo(model, adapter, test_ids, sl, mc_num=a.test_mc, seed=1234, batch_size=64,
-                     max_chunks=a.test_max_chunks, device=device, progress=False)
+                     max_chunks=a.test_max_chunks, device=device, progress=False,
+                     bos_id=tok.bos_token_id if a.bos else None)
             test[f"seqlen{sl}"] = {**r, "mc_num": a.test_mc}
             print(f"test ELBO seqlen {sl}: {r['nll']:.4f} nats/token over {r['eval_tokens']} tokens", flush=True)
     except Exception as e:  # noqa: BLE001  (the checkpoint is saved; measure.py scores it again)
         test["error"] = f"{type(e).__name__}: {e}"
         print(f"test ELBO failed: {test['error']}", flush=True)
+    outliers = outlier_summary(model, val_in[:8], device)
+    print("input-channel max/median >= 20x: " + (", ".join(f"L{r['layer']} {r['linear']} {r['ratio']:.0f}x"
+                                                           for r in outliers if r["ratio"] >= 20) or "none"), flush=True)
     log = {
+        "outliers": outliers,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(a).items()},
         "arch": arch, "params": n_params, "seed": a.seed, "steps": step, "planned_steps": total,
         "tokens_seen": tokens_seen, "train_stream_tokens": stream.numel(),

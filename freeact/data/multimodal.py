@@ -12,7 +12,8 @@ object per line::
      "options": ["red", "blue"],    # type mc only; answer is one of them
      "id": "..."}                   # optional
 
-``source: synthetic`` (calibration and evaluation configs) stands for a folder written by
+``source: easy_vqa/train`` or ``easy_vqa/test`` stands for a split of the easy-vqa package
+(:mod:`freeact.data.easy_vqa`). ``source: synthetic`` (calibration and evaluation configs) stands for a folder written by
 :func:`generate_synthetic_vqa` into the cache (``$FREEACT_CACHE`` or ``~/.cache/freeact``):
 rendered shapes, colours, numbers and bar charts with questions whose answers are known from
 how the image was drawn, so calibration and an offline benchmark need no download.
@@ -197,7 +198,15 @@ def cache_dir() -> Path:
 
 
 def resolve_source(source: str, n: int | None, seed: int) -> Path:
-    """A dataset folder for ``source``: ``synthetic`` (generated once into the cache) or a path."""
+    """A dataset folder for ``source``: ``synthetic`` (generated once into the cache),
+    ``easy_vqa/train`` / ``easy_vqa/test`` (the installed easy-vqa package's split, written once
+    into the cache) or a path."""
+    from . import easy_vqa
+
+    if easy_vqa.is_easy_vqa(source):
+        split = source[len(easy_vqa.PREFIX):]
+        out = cache_dir() / "easy_vqa" / split
+        return out if (out / "data.jsonl").exists() else easy_vqa.write_split(split, out)
     if source != SYNTHETIC:
         return jsonl_file(source).parent
     if not n:

@@ -171,13 +171,20 @@ def sequence_nll(model, adapter, ids: torch.Tensor, target: torch.Tensor, mc_num
 
 @torch.no_grad()
 def elbo(model, adapter, ids: torch.Tensor, seqlen: int, mc_num: int = 8, seed: int = 0, batch_size: int = 32,
-         max_chunks: int | None = None, device: str = "cpu", progress: bool = True) -> dict:
-    """Per-token NLL bound of the text ``ids`` cut into ``seqlen`` chunks, and its perplexity bound."""
-    data = chunks(ids, seqlen, max_chunks)
-    g = torch.Generator().manual_seed(seed)
+         max_chunks: int | None = None, device: str = "cpu", progress: bool = True,
+         bos_id: int | None = None) -> dict:
+    """Per-token NLL bound of the text ``ids`` cut into ``seqlen`` chunks, and its perplexity bound.
+    With ``bos_id`` every chunk is that token followed by ``seqlen - 1`` text tokens; the first
+    position is never masked or scored (a model trained with a start token at position 0)."""
+    data = chunks(ids, seqlen - (bos_id is not None), max_chunks)
     target = torch.ones(seqlen, dtype=torch.bool)
+    if bos_id is not None:
+        data = torch.cat([torch.full((len(data), 1), bos_id, dtype=data.dtype), data], 1)
+        target[0] = False
+    g = torch.Generator().manual_seed(seed)
     nll = 0.0
     for x in tqdm(data, desc="elbo", disable=not progress, leave=False):
         nll += sequence_nll(model, adapter, x, target, mc_num, g, batch_size, device)
-    per_tok = nll / data.numel()
-    return {"nll": per_tok, "ppl": math.exp(per_tok), "eval_tokens": data.numel()}
+    n = int(target.sum()) * len(data)
+    per_tok = nll / n
+    return {"nll": per_tok, "ppl": math.exp(per_tok), "eval_tokens": n}

@@ -17,6 +17,7 @@ deterministic for a given model and batch size.
 """
 from __future__ import annotations
 
+import random
 import re
 
 import torch
@@ -201,8 +202,11 @@ def evaluate_multimodal(model, processor, ecfg, device="cpu", progress=True) -> 
     """The ``eval`` config with ``kind: multimodal``: metrics prefixed with ``ecfg.name``."""
     if processor is None:
         raise ValueError("a multimodal evaluation needs the model's processor")
-    folder = resolve_source(ecfg.source, ecfg.get("nsamples"), ecfg.seed)
-    records = load_records(folder, limit=ecfg.get("nsamples"))
+    n = ecfg.get("nsamples")
+    records = load_records(resolve_source(ecfg.source, n, ecfg.seed))
+    if n and len(records) > n:  # a seeded sample of a larger set, kept in file order
+        keep = sorted(random.Random(ecfg.seed).sample(range(len(records)), n))
+        records = [records[i] for i in keep]
     metrics, _ = evaluate_records(model, processor, records, batch_size=ecfg.batch_size,
                                   max_new_tokens=ecfg.get("max_new_tokens", 8), device=device, progress=progress)
     return {f"{ecfg.name}.{k}": v for k, v in metrics.items()}

@@ -8,6 +8,9 @@
 * ``vlm``: vision-language models (Qwen2.5-VL, InternVL ...), via ``AutoModelForImageTextToText``;
   the tiny one uses the tokenizer and image processor in ``freeact/assets/tiny_vlm``.
 
+A directory with ``composed.json`` holds only the trained tensors of a model whose other weights
+come from a base model (:mod:`freeact.models.composed`; ``testbed_vlm``).
+
 ``source: tiny`` builds the family's architecture at a small size with random weights and the
 tokenizer shipped in ``freeact/assets/tokenizer``; ``source: pretrained`` loads ``path`` (a hub
 id or a local directory) and ``gguf_file`` if given.
@@ -177,6 +180,10 @@ def build_tiny(family: str, arch: dict, tokenizer, seed: int = 0):
 
 def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None = None):
     path = resolve_path(path)
+    from .composed import is_composed, load_composed
+
+    if is_composed(path):  # ships only its trained tensors; the rest comes from a base model
+        return load_composed(path, dtype)
     if family == "vlm":
         from transformers import AutoModelForImageTextToText
 
