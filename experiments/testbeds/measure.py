@@ -263,7 +263,8 @@ def render(res: dict) -> str:
     for name, tb in res["testbeds"].items():
         r, s = tb["run"], tb["run"]["settings"]
         L.append(f"| {tb['model']} | {r['date']} | {r['machine']}; torch {r['torch']}, transformers "
-                 f"{r['transformers']} | {r['git_commit']} | `{r['command']}` | {s['seqlen']} | {s['chunks']} | "
+                 f"{r['transformers']} | {r['git_commit']} | `{r['command']}` | {s['seqlen'] if name != 'vlm' else ''} | "
+                 f"{s['chunks'] if name != 'vlm' else ''} | "
                  f"{s['mc'] if name in MDM else ''} |")
     L.append("")
     L += ["## Held-out likelihood at full precision", "",
@@ -331,7 +332,9 @@ def render(res: dict) -> str:
           "o_proj and down_proj inputs, activation clip 0.9, and an MSE weight-clip search. The RTN-weight row "
           "separates the rotation (with its clipping) from GPTQ. testbed_ar's linear weights already sit on a "
           "Q4_1 grid (asymmetric, blocks of 32 inputs), but the per-channel symmetric W4 used here does not align "
-          "with it and is lossy.", ""]
+          "with it and is lossy.", "",
+          "Every method at W4A4 (full freeact runs, one CSV row each): `results/tables/testbed_dllm_w4a4.md`, "
+          "`testbed_ar_w4a4.md`, `testbed_dream_w4a4.md` and `testbed_vlm_w4a4.md` (commands in the README).", ""]
     for name, tb in res["testbeds"].items():
         o = tb["outliers"]
         st = o["stats"]
