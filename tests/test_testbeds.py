@@ -146,7 +146,7 @@ def test_testbed_vlm_loads_and_answers_easy_vqa():
     assert get_adapter(model).token_type_ids()["vision"]
     records = load_records(resolve_source("easy_vqa/test", None, 0))[::300]  # 33 questions, 33 images
     metrics, _ = evaluate_records(model, load_model_processor(cfg.model), records, batch_size=16, progress=False)
-    assert metrics["vqa_acc"] >= 0.6, metrics  # measured 0.856 on 500; image-blind baselines 0.43 / 0.67
+    assert metrics["vqa_acc"] >= 0.75, metrics  # measured 0.856 on 500; image-blind baselines 0.43 / 0.67
 
 
 @pytest.mark.slow  # SmolLM2 from its GGUF + the trained adaptation (~25 s)
