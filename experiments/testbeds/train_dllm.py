@@ -139,6 +139,37 @@ def validation_loss(model, val_x, val_in, val_m, val_t, batch: int, amp, n_targe
     return tot / len(val_x)
 
 
+class StepBudget:
+    """Fits a schedule to a time budget: times the steps ``probe[0]..probe[1]`` and then fixes the
+    step count (unless one was given), so the loop plus compilation take about ``budget`` s."""
+
+    def __init__(self, total: int | None, probe, budget: float, sync):
+        self.total, self.probe, self.budget, self.sync = total, tuple(probe), budget, sync
+        self.step_time = self._probe_t0 = None
+        self.t0 = time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def before_step(self, step: int) -> int | None:
+        """Call before each step; returns the total step count (None until it is known)."""
+        if step == self.probe[0]:
+            self.sync()
+            self._probe_t0 = time.time()
+        if step == self.probe[1] and self._probe_t0 is not None:
+            self.sync()
+            self.step_time = (time.time() - self._probe_t0) / (self.probe[1] - self.probe[0])
+            if self.total is None:
+                self.total = step + int((self.budget - self.elapsed()) / self.step_time)
+                print(f"step time {self.step_time * 1e3:.1f} ms -> {self.total} steps in the {self.budget:.0f}s "
+                      "budget", flush=True)
+        return self.total
+
+    def overrun(self) -> bool:
+        """Well past the budget (a machine slower than the probe said): stop early."""
+        return self.total is not None and self.elapsed() > 1.15 * self.budget + 30
+
+
 @torch.no_grad()
 def outlier_summary(model, batches: torch.Tensor, device: str) -> list[dict]:
     """Per block linear: max over input channels of max|x| / median channel (all tokens of the
@@ -242,30 +273,20 @@ def main(argv=None):
     total = a.steps
     curve, val_curve = [], []
     best = (float("inf"), -1, None)
-    step_time, probe_t0 = None, None
-    tokens_seen, train_seconds = 0, 0.0
-    t_loop = time.time()
+    tokens_seen = 0
+    budget = StepBudget(total, a.probe, a.time_budget, sync)
     running, running_n = torch.zeros((), device=device), 0
     step = 0
     while total is None or step < total:
         if step % a.eval_every == 0:
             v = vloss()
-            val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_loop, 1),
+            val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(budget.elapsed(), 1),
                               "valid_nll": v})
             if v < best[0]:
                 best = (v, step, copy.deepcopy(model.state_dict()))
             print(f"step {step:5d} | valid {v:.4f} nats/token", flush=True)
-        if step == a.probe[0]:
-            sync()
-            probe_t0 = time.time()
-        if step == a.probe[1] and probe_t0 is not None:
-            sync()
-            step_time = (time.time() - probe_t0) / (a.probe[1] - a.probe[0])
-            if total is None:
-                total = step + int((a.time_budget - (time.time() - t_loop)) / step_time)
-                print(f"step time {step_time * 1e3:.1f} ms -> {total} steps in the {a.time_budget:.0f}s budget", flush=True)
+        total = budget.before_step(step)
         lr = lr_at(step, total, a)
-        t0 = time.time()
         running += train_step(step, lr)
         running_n += 1
         L = a.short_seqlen if (a.short_every and step % a.short_every == a.short_every - 1) else a.seqlen
@@ -274,17 +295,17 @@ def main(argv=None):
         if step % a.log_every == 0:
             loss = (running / running_n).item()
             running, running_n = torch.zeros((), device=device), 0
-            el = time.time() - t_loop
+            el = budget.elapsed()
             curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(el, 1), "train_loss": loss,
                           "lr": lr})
             if step % (a.log_every * 10) == 0 or a.tiny:
                 print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {tokens_seen / 1e6:.1f}M tok | {el:.0f}s",
                       flush=True)
-        if total is not None and time.time() - t_loop > 1.15 * a.time_budget + 30 and not a.tiny:
+        if budget.overrun() and not a.tiny:
             print("over the time budget: stopping early", flush=True)
             break
     sync()
-    loop_seconds = time.time() - t_loop
+    loop_seconds = budget.elapsed()
     v = vloss()
     val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(loop_seconds, 1), "valid_nll": v})
     print(f"step {step:5d} | valid {v:.4f} nats/token (final)", flush=True)
@@ -322,8 +343,8 @@ def main(argv=None):
         "arch": arch, "params": n_params, "seed": a.seed, "steps": step, "planned_steps": total,
         "tokens_seen": tokens_seen, "train_stream_tokens": stream.numel(),
         "epochs_over_stream": tokens_seen / stream.numel(),
-        "step_time_ms_probe": None if step_time is None else step_time * 1e3,
-        "tokens_per_s_probe": None if step_time is None else a.batch_tokens / step_time,
+        "step_time_ms_probe": None if budget.step_time is None else budget.step_time * 1e3,
+        "tokens_per_s_probe": None if budget.step_time is None else a.batch_tokens / budget.step_time,
         "tokens_per_s_loop": tokens_seen / loop_seconds,
         "loop_seconds": loop_seconds, "wall_seconds": time.time() - t_start,
         "compiled": compiled is not None, "best_valid_nll": best[0], "best_step": best[1],

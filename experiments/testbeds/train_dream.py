@@ -31,7 +31,7 @@ import transformers
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from experiments.testbeds.train_dllm import (check_bidirectional, lr_at, mask_batch, mdm_loss,  # noqa: E402
+from experiments.testbeds.train_dllm import (StepBudget, check_bidirectional, lr_at, mask_batch, mdm_loss,  # noqa: E402
                                              outlier_summary, training_stream, validation_loss)
 from experiments.testbeds.train_vlm import BASE, LM_LINEARS, LowRank, tiny_base  # noqa: E402
 from freeact.data.text import read_text, token_stream  # noqa: E402
@@ -189,28 +189,18 @@ def main(argv=None):
     total, step, tokens_seen = a.steps, 0, 0
     curve, val_curve = [], []
     best = (float("inf"), -1, None)
-    probe_t0 = step_time = None
     running = torch.zeros((), device=device)
     model.train()
-    t_loop = time.time()
+    budget = StepBudget(total, a.probe, a.time_budget, sync)
     while total is None or step < total:
         if step % a.eval_every == 0:
             v = vloss()
-            val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_loop, 1),
+            val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(budget.elapsed(), 1),
                               "valid_nll": v})
             if v < best[0]:
                 best = (v, step, trained_state())
             print(f"step {step:5d} | valid {v:.4f} nats/token", flush=True)
-        if step == a.probe[0]:
-            sync()
-            probe_t0 = time.time()
-        if step == a.probe[1] and probe_t0 is not None:
-            sync()
-            step_time = (time.time() - probe_t0) / (a.probe[1] - a.probe[0])
-            if total is None:
-                total = step + int((a.time_budget - (time.time() - t_loop)) / step_time)
-                print(f"step time {step_time * 1e3:.1f} ms -> {total} steps in the {a.time_budget:.0f}s budget",
-                      flush=True)
+        total = budget.before_step(step)
         lr = lr_at(step, total, a)
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -229,16 +219,16 @@ def main(argv=None):
         if step % 10 == 0:
             lv = (running / 10).item()
             running.zero_()
-            curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(time.time() - t_loop, 1),
+            curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(budget.elapsed(), 1),
                           "train_loss": lv, "lr": lr})
             if step % 50 == 0 or a.tiny:
                 print(f"step {step:5d} | loss {lv:.4f} | lr {lr:.2e} | {tokens_seen / 1e6:.1f}M tok | "
-                      f"{time.time() - t_loop:.0f}s", flush=True)
-        if total is not None and time.time() - t_loop > 1.15 * a.time_budget + 30 and not a.tiny:
+                      f"{budget.elapsed():.0f}s", flush=True)
+        if budget.overrun() and not a.tiny:
             print("over the time budget: stopping early", flush=True)
             break
     sync()
-    loop_seconds = time.time() - t_loop
+    loop_seconds = budget.elapsed()
     v = vloss()
     val_curve.append({"step": step, "tokens": tokens_seen, "elapsed_s": round(loop_seconds, 1), "valid_nll": v})
     print(f"step {step:5d} | valid {v:.4f} nats/token (final)", flush=True)
@@ -263,8 +253,8 @@ def main(argv=None):
         "base": base, "seed": a.seed, "steps": step, "planned_steps": total, "tokens_seen": tokens_seen,
         "train_stream_tokens": stream.numel(), "epochs_over_stream": tokens_seen / stream.numel(),
         "params_trained": {"low_rank": n_lora, "norms": sum(p.numel() for p in norms.values()), "token_rows": 1},
-        "step_time_ms_probe": None if step_time is None else step_time * 1e3,
-        "tokens_per_s_probe": None if step_time is None else a.batch * a.seqlen / step_time,
+        "step_time_ms_probe": None if budget.step_time is None else budget.step_time * 1e3,
+        "tokens_per_s_probe": None if budget.step_time is None else a.batch * a.seqlen / budget.step_time,
         "tokens_per_s_loop": tokens_seen / loop_seconds, "loop_seconds": loop_seconds,
         "best_valid_nll": best[0], "best_step": best[1], "test_elbo": {**test, "mc_num": a.test_mc},
         "outliers": outliers, "loss_curve": curve, "valid_curve": val_curve,

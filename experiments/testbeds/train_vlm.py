@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.assets.build_tiny_vlm import SPECIAL, write_processor_assets  # noqa: E402
-from experiments.testbeds.train_dllm import lr_at  # noqa: E402
+from experiments.testbeds.train_dllm import StepBudget, lr_at  # noqa: E402
 from freeact.data import easy_vqa  # noqa: E402
 from freeact.data.multimodal import load_processor, prompt_text  # noqa: E402
 from freeact.models.composed import SPEC_FILE, compose, save_trained  # noqa: E402
@@ -330,28 +330,18 @@ def main(argv=None):
     total, step, seen = a.steps, 0, 0
     curve, val_curve = [], []
     best = (-1.0, -1, None)
-    probe_t0 = step_time = None
     running = torch.zeros((), device=device)
     model.train()
-    t_loop = time.time()
+    budget = StepBudget(total, a.probe, a.time_budget, sync)
     while total is None or step < total:
         if step % a.eval_every == 0:
             acc = accuracy(model, val_batches, amp)
-            val_curve.append({"step": step, "questions": seen, "elapsed_s": round(time.time() - t_loop, 1),
+            val_curve.append({"step": step, "questions": seen, "elapsed_s": round(budget.elapsed(), 1),
                               "val_acc": acc})
             if acc > best[0]:
                 best = (acc, step, trained_state())
             print(f"step {step:5d} | val acc {acc:.4f}", flush=True)
-        if step == a.probe[0]:
-            sync()
-            probe_t0 = time.time()
-        if step == a.probe[1] and probe_t0 is not None:
-            sync()
-            step_time = (time.time() - probe_t0) / (a.probe[1] - a.probe[0])
-            if total is None:
-                total = step + int((a.time_budget - (time.time() - t_loop)) / step_time)
-                print(f"step time {step_time * 1e3:.1f} ms -> {total} steps in the {a.time_budget:.0f}s budget",
-                      flush=True)
+        total = budget.before_step(step)
         lr = lr_at(step, total, a)
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -369,16 +359,16 @@ def main(argv=None):
         if step % 10 == 0:
             lv = (running / 10).item()
             running.zero_()
-            curve.append({"step": step, "questions": seen, "elapsed_s": round(time.time() - t_loop, 1),
+            curve.append({"step": step, "questions": seen, "elapsed_s": round(budget.elapsed(), 1),
                           "train_loss": lv, "lr": lr})
             if step % 100 == 0 or a.tiny:
-                print(f"step {step:5d} | loss {lv:.4f} | lr {lr:.2e} | {seen:,} q | {time.time() - t_loop:.0f}s",
+                print(f"step {step:5d} | loss {lv:.4f} | lr {lr:.2e} | {seen:,} q | {budget.elapsed():.0f}s",
                       flush=True)
-        if total is not None and time.time() - t_loop > 1.15 * a.time_budget + 30 and not a.tiny:
+        if budget.overrun() and not a.tiny:
             print("over the time budget: stopping early", flush=True)
             break
     sync()
-    loop_seconds = time.time() - t_loop
+    loop_seconds = budget.elapsed()
     acc = accuracy(model, val_batches, amp)
     val_curve.append({"step": step, "questions": seen, "elapsed_s": round(loop_seconds, 1), "val_acc": acc})
     print(f"step {step:5d} | val acc {acc:.4f} (final)", flush=True)
@@ -410,8 +400,8 @@ def main(argv=None):
         "base": base, "vision": vision, "seed": a.seed, "steps": step, "planned_steps": total,
         "questions_seen": seen, "train_questions": n_train, "epochs": seen / n_train,
         "params_trained": {"vision": n_vision, "token_rows": int(emb.shape[0] - n_base_vocab), "low_rank": n_lora},
-        "step_time_ms_probe": None if step_time is None else step_time * 1e3,
-        "questions_per_s_probe": None if step_time is None else a.batch / step_time,
+        "step_time_ms_probe": None if budget.step_time is None else budget.step_time * 1e3,
+        "questions_per_s_probe": None if budget.step_time is None else a.batch / budget.step_time,
         "questions_per_s_loop": seen / loop_seconds, "loop_seconds": loop_seconds,
         "best_val_acc": best[0], "best_step": best[1], "val_acc_shipped": val_acc_shipped,
         "test_acc": test_acc, "test_questions": len(test),

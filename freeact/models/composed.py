@@ -62,18 +62,13 @@ def save_trained(tensors: dict[str, torch.Tensor], path: str | os.PathLike, max_
     (unless one tensor is larger); removes older trained files in ``path``."""
     from safetensors.torch import save_file
 
+    from .loading import shard_groups
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for f in trained_files(path):
         f.unlink()
-    shards, size = [{}], 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_mb * 1e6:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v.detach().contiguous().cpu()
-        size += nbytes
+    shards = shard_groups({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_mb)
     names = ([f"{TRAINED_STEM}.safetensors"] if len(shards) == 1 else
              [f"{TRAINED_STEM}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):

@@ -203,6 +203,20 @@ def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str |
     return model
 
 
+def shard_groups(tensors: dict, max_shard_mb: float) -> list[dict]:
+    """``tensors`` split, in order, into groups of at most ``max_shard_mb`` MB each (a tensor larger
+    than that gets a group of its own): the files of a sharded checkpoint."""
+    shards, size = [{}], 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_mb * 1e6:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    return shards
+
+
 def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike, max_shard_mb: float | None = None) -> None:
     """Write ``model`` as a LLaDA checkpoint (LLaDA's key names and config fields). With
     ``max_shard_mb``, weights go to ``model-0000i-of-0000n.safetensors`` files of at most that
@@ -227,14 +241,7 @@ def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike, max_shar
     if max_shard_mb is None:
         save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
         return
-    shards, size = [{}], 0
-    for k, v in sd.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_mb * 1e6:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
+    shards = shard_groups(sd, max_shard_mb)
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
