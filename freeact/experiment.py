@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import os
 import resource
 import subprocess
 import time
@@ -50,6 +51,11 @@ def is_multimodal(data_cfg) -> bool:
 
 
 def git_commit() -> str:
+    """Short commit of the code that runs (``+dirty`` with uncommitted changes to tracked files).
+    ``FREEACT_GIT_COMMIT`` overrides it where the code runs from a copy without ``.git`` (a GPU
+    machine that received an exported clean checkout)."""
+    if os.environ.get("FREEACT_GIT_COMMIT"):
+        return os.environ["FREEACT_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)

@@ -181,22 +181,36 @@ def exactly_null_ctx(model, tokenizer, seqlen=12):
     return make_ctx(model, tokenizer, calib=CalibSet(ids, ids)), ids
 
 
+VARIANTS = {  # name -> FreeAct config (epochs 0): only the spectral ones can be exact
+    "spectral": {"init": "spectral", "structure": "dense"},
+    "flat_spectral": {"init": "spectral", "typed_basis": "dense", "matrix": "invertible", "o_transform": "heads"},
+    "random": {"init": "random", "structure": "kronecker"},
+    "flat_random": {"init": "random", "typed_basis": "dense", "matrix": "invertible"},
+}
+
+
 @pytest.mark.parametrize("kind", ["llada", "dream"])
 def test_spectral_freeact_is_invariant_on_exactly_null_data(tiny_model, tokenizer, kind):
-    results = {}
-    for init, structure in (("spectral", "dense"), ("random", "kronecker")):
+    results, energies = {}, {}
+    for name, cfg in VARIANTS.items():
         model = tiny_model(kind, torch.float64)
         ctx, ids = exactly_null_ctx(model, tokenizer)
         with torch.no_grad():
             ref = model(input_ids=ids).logits
-        info = FreeAct({"epochs": 0, "init": init, "structure": structure, "rank_ratio": 1 / 16}).apply(ctx)
+        info = FreeAct({"epochs": 0, "rank_ratio": 1 / 16, **cfg}).apply(ctx)
         with torch.no_grad():
-            results[init] = rel(model(input_ids=ids).logits, ref)
+            results[name] = rel(model(input_ids=ids).logits, ref)
         assert all(min(map(int, v.split("/"))) > 0 for k, v in info.items() if k.endswith(".ranks"))
-        if init == "spectral":
-            assert max(v for k, v in info.items() if k.endswith("other_energy")) < 1e-10
-    assert results["spectral"] < 1e-6
-    assert results["random"] > 1e-3  # zeroing random directions is not exact: the check above can fail
+        energies[name] = [v for k, v in info.items() if ".energy_" in k]
+        # every typed site logs both types' energies, before and after (here: untrained) training
+        assert {k.rsplit(".", 1)[-1] for k in info if ".energy_init." in k} == {"mask", "unmasked"}
+        assert len([k for k in info if ".energy_final." in k]) == len([k for k in info if ".energy_init." in k])
+    for name in ("spectral", "flat_spectral"):
+        assert results[name] < 1e-6
+        assert max(energies[name]) < 1e-10
+    for name in ("random", "flat_random"):  # zeroing random directions is not exact: the checks above can fail
+        assert results[name] > 1e-3
+        assert max(energies[name]) > 1e-3
 
 
 def test_per_layer_spectral_with_typed_kv_is_invariant_on_exactly_null_data(tiny_model, tokenizer):
@@ -255,3 +269,69 @@ def test_freeact_config_defaults_and_errors(compose):
         FreeAct({"matrix": "invertible"})
     with pytest.raises(ValueError, match="rank_mode"):
         FreeAct({"rank_mode": "auto"})
+
+
+# ----------------------------------------------------------------------------- what the split can do
+def test_exact_split_quantizes_bit_for_bit_like_the_untyped_basis():
+    """Where the premise holds (each type has no energy on the other types' blocks), zeroing changes
+    nothing the quantizer sees: typed and untyped activations on the same basis quantize identically."""
+    g = torch.Generator().manual_seed(3)
+    d, r = 128, 32
+    calib, test = typed_null_data(d, r, 2, 1024, g)
+    basis = typed_basis(torch.stack([x.T @ x for x in calib]), [r, r], generator=g)
+    tt = TokenTypes([("t0", [0]), ("rest", None)])
+    site = TypeMask(AffineSite(d, "orthogonal", "dense", factors_init=[basis.Q], dtype=torch.float64), basis.owner, tt)
+    X = torch.cat(test).unsqueeze(0)
+    types = torch.cat([torch.full((len(x),), k) for k, x in enumerate(test)]).view(1, -1)
+    with torch.no_grad(), tt.use(types):
+        typed = site(X)
+        untyped = site.inner(X)
+    assert (typed - untyped).abs().max() < 1e-12  # only float rounding noise is zeroed
+    assert torch.equal(fake_quant(typed, Q4), fake_quant(untyped, Q4))
+
+
+def test_zeroing_never_lowers_the_activation_error_at_a_fixed_scale():
+    """Off the premise (random data), a zeroed coordinate errs by |z|, a rounded one by at most half a
+    step and by |z| when |z| rounds to 0: per token with an unchanged scale, typed error >= untyped."""
+    g = torch.Generator().manual_seed(4)
+    d = 64
+    owner = owner_from_ranks(d, [8, 8])
+    tt = TokenTypes([("t0", [0]), ("rest", None)])
+    site = TypeMask(AffineSite(d, "orthogonal", "dense", init="random", generator=g, dtype=torch.float64), owner, tt)
+    X = torch.randn(1, 512, d, generator=g, dtype=torch.float64) * torch.rand(d, generator=g, dtype=torch.float64)
+    types = torch.randint(0, 2, (1, 512), generator=g)
+    with torch.no_grad(), tt.use(types):
+        z_typed, z = site(X), site.inner(X)
+    err_typed = (fake_quant(z_typed, Q4) - z).pow(2).sum(-1)[0]
+    err_untyped = (fake_quant(z, Q4) - z).pow(2).sum(-1)[0]
+    same_scale = (z_typed.abs().amax(-1) == z.abs().amax(-1))[0]
+    assert same_scale.float().mean() > 0.7  # most tokens' largest coordinate is not zeroed
+    assert torch.all(err_typed[same_scale] >= err_untyped[same_scale] - 1e-12)
+    assert err_typed[same_scale].sum() > err_untyped[same_scale].sum()  # strictly worse in total here
+
+
+@pytest.mark.parametrize("kind", ["llada", "dream"])
+def test_dense_typed_basis_on_flatquant_is_invariant(tiny_model, tokenizer, kind):
+    """typed_basis=dense: FlatQuant's invertible Kronecker transform then a dense orthogonal R, float64,
+    quantization off, no split: the transformed model is the original."""
+    ids = build_calib_set(tokenizer, "wiki.train", 2, 20, 7, mask_token_id=tokenizer.mask_token_id).input_ids
+    model = tiny_model(kind, torch.float64)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    info = FreeAct({"epochs": 0, "typed_basis": "dense", "matrix": "invertible", "rank_ratio": 0,
+                    "o_transform": "heads"}).apply(make_ctx(model, tokenizer))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert rel(out, ref) < 1e-6
+    assert all(v == "0/0" for k, v in info.items() if k.endswith(".ranks"))
+
+
+def test_seed_changes_calibration_windows_masks_and_initial_transforms(tokenizer):
+    a = _build_calib_set(tokenizer, "wiki.train", 4, 32, 0, mask_token_id=tokenizer.mask_token_id, max_chars=100_000)
+    b = _build_calib_set(tokenizer, "wiki.train", 4, 32, 1, mask_token_id=tokenizer.mask_token_id, max_chars=100_000)
+    assert not torch.equal(a.targets, b.targets)  # other windows
+    assert not torch.equal(a.input_ids == tokenizer.mask_token_id, b.input_ids == tokenizer.mask_token_id)  # masks
+    ctx0, ctx1 = (type("C", (), {"seed": s})() for s in (0, 1))
+    m = FreeAct()
+    assert not torch.equal(torch.randn(4, generator=m._generator(ctx0, 0, 0)),
+                           torch.randn(4, generator=m._generator(ctx1, 0, 0)))

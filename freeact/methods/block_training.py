@@ -10,9 +10,11 @@ For every decoder layer in turn:
    clipped and fake-quantized on the fly;
 3. AdamW on ``MSE(target, quantized layer output)`` (for FreeAct: per-type MSEs summed over the
    token types), cosine learning-rate schedule, clipping parameters at ``lr * clip_lr_mult``;
+   padding tokens of multimodal calibration batches (``attention_mask == 0``) enter neither the
+   loss nor any statistic (their token type is ``-1``);
 4. the plan merges: weight sides into the weights (float64), activation sides frozen.
 
-A non-finite loss raises :class:`NonFiniteLossError` naming the layer and the step, or with
+A non-finite loss raises :class:`NonFiniteLossError` naming the layer and the epoch, or with
 ``on_nonfinite="keep_last"`` restores the parameters of the last finite step, stops training that
 layer and reports it in the returned info.
 """
@@ -107,6 +109,14 @@ class _QKRecorder(nn.Module):
         return q, k, v
 
 
+def real_tokens(batch) -> torch.Tensor | None:
+    """``(batch, seq)`` bool mask of real (not padding) tokens of a calibration batch, or None when
+    the batch has no padding (a tensor of ids, or a dict without ``attention_mask``)."""
+    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return None
+
+
 def _current_types(token_types, b: int, s: int, device) -> torch.Tensor:
     if token_types is None or token_types.current is None:
         return torch.zeros(b, s, dtype=torch.long, device=device)
@@ -138,13 +148,16 @@ def _temp_attr(obj, name, value):
 
 @torch.no_grad()
 def full_precision_pass(block, hidden, kwargs, types, token_types, num_types: int, want_cov: bool,
-                        want_qk_cov: bool) -> tuple[list, LayerStats]:
-    """Targets (the layer's outputs) and the statistics of its linears' inputs."""
+                        want_qk_cov: bool, valid: list | None = None) -> tuple[list, LayerStats]:
+    """Targets (the layer's outputs) and the statistics of its linears' inputs. ``valid``: per batch
+    a ``(batch, seq)`` bool mask of real tokens (None: all real); padding enters no statistic."""
     stats = LayerStats(dtype=hidden[0].dtype)
     lins = {"q": block.q, "o": block.o, "up": block.up, "down": block.down}
+    current = {"valid": None}
 
     def record(name, x):
-        m = x.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float64)
+        rows = x if current["valid"] is None else x[current["valid"].to(x.device)]
+        m = rows.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float64)
         stats.absmax[name] = torch.maximum(stats.absmax[name], m) if name in stats.absmax else m
         if want_cov:
             if name not in stats.cov:
@@ -156,6 +169,7 @@ def full_precision_pass(block, hidden, kwargs, types, token_types, num_types: in
     outs = []
     with capture_inputs(lins, record), ctx:
         for i, (h, kw) in enumerate(zip(hidden, kwargs)):
+            current["valid"] = None if valid is None else valid[i]
             with _batch_types(token_types, types, i):
                 outs.append(layer_output(block.layer(h, **kw)))
     return outs, stats
@@ -163,19 +177,30 @@ def full_precision_pass(block, hidden, kwargs, types, token_types, num_types: in
 
 # ----------------------------------------------------------------------------- loss
 def blockwise_loss(out: torch.Tensor, target: torch.Tensor, types: torch.Tensor | None = None,
-                   num_types: int = 1) -> torch.Tensor:
-    """Plain MSE, or (``types`` given) the sum over token types of the per-type MSE (absent types add 0)."""
-    err = (out - target).pow(2)
+                   num_types: int = 1, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE over the real tokens (``valid``: ``(batch, seq)`` bool, None = all), or (``types`` given)
+    the sum over token types of the per-type MSE: absent types add 0, type ``-1`` (padding) adds
+    nothing. No host synchronisation."""
+    per_tok = (out - target).pow(2).mean(-1)
     if types is None:
-        return err.mean()
-    per_tok = err.mean(-1)
+        if valid is None:
+            return per_tok.mean()
+        w = valid.to(per_tok)
+        return (per_tok * w).sum() / w.sum().clamp(min=1)
     t = types.to(per_tok.device)
+    if valid is not None:
+        t = t.masked_fill(~valid.to(t.device), -1)
     loss = per_tok.new_zeros(())
     for k in range(num_types):
-        sel = t == k
-        if sel.any():
-            loss = loss + per_tok[sel].mean()
+        sel = (t == k).to(per_tok)
+        loss = loss + (per_tok * sel).sum() / sel.sum().clamp(min=1)
     return loss
+
+
+def _type_index(types: torch.Tensor | None, valid: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Per token: its type (0 when untyped), -1 for padding."""
+    t = torch.zeros(like.shape[:-1], dtype=torch.long, device=like.device) if types is None else types.to(like.device)
+    return t if valid is None else t.masked_fill(~valid.to(t.device), -1)
 
 
 # ----------------------------------------------------------------------------- training
@@ -195,54 +220,76 @@ def _cosine(total: int, min_ratio: float):
 
 
 def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, targets, cfg: TrainConfig,
-                index: int, token_types=None, num_types: int = 1) -> dict:
-    """Optimise ``plan``'s parameters on one layer; returns loss / step info."""
+                index: int, token_types=None, num_types: int = 1, valid: list | None = None) -> dict:
+    """Optimise ``plan``'s parameters on one layer; returns loss / step info, and ``err``: per token
+    type (one entry when untyped), the relative block-output error ``sum |out - y|^2 / sum |y|^2`` over
+    the last epoch. The host waits for the device once per epoch (``on_nonfinite="raise"``: a non-finite
+    loss is reported with its epoch) or once per step (``keep_last``: the last finite step is restored)."""
     main, clips = plan.param_groups()
     groups = [g for g in ({"params": main, "lr": cfg.lr}, {"params": clips, "lr": cfg.lr * cfg.clip_lr_mult})
               if g["params"]]
     total = cfg.epochs * len(hidden)
-    info = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0, "nonfinite": None}
+    info = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0, "nonfinite": None,
+            "err": {}}
     if not groups or total == 0:
         return info
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, cfg.min_lr_ratio))
-    last_good = [p.detach().clone() for p in params]
+    per_step = cfg.on_nonfinite == "keep_last"
+    last_good = [p.detach().clone() for p in params] if per_step else None
+    device = hidden[0].device
+    err_num = torch.zeros(max(num_types, 1), dtype=torch.float64, device=device)
+    err_den = torch.zeros_like(err_num)
     step = 0
     for epoch in range(cfg.epochs):
-        running = 0.0
+        running = torch.zeros((), dtype=torch.float64, device=device)
+        last_epoch = epoch == cfg.epochs - 1
         for j, (h, kw, y) in enumerate(zip(hidden, kwargs, targets)):
+            v = None if valid is None else valid[j]
             with parametrize.cached(), _batch_types(token_types, types, j):
                 out = layer_output(layer(h, **kw))
                 t = types[j] if (cfg.loss_by_type and types is not None) else None
-                loss = blockwise_loss(out, y, t, num_types)
-                if not torch.isfinite(loss):
-                    where = f"layer {index}, epoch {epoch}, batch {j} (step {step})"
-                    if cfg.on_nonfinite == "raise":
-                        raise NonFiniteLossError(f"non-finite block loss {loss.item()} in {where}; "
-                                                 "lower method.lr or set method.on_nonfinite=keep_last")
+                loss = blockwise_loss(out, y, t, num_types, v)
+                if per_step and not torch.isfinite(loss):
                     with torch.no_grad():
                         for p, good in zip(params, last_good):
                             p.copy_(good)
-                    info["nonfinite"] = where
+                    info["nonfinite"] = f"layer {index}, epoch {epoch}, batch {j} (step {step})"
                     info["steps"] = step
                     return info
-                with torch.no_grad():
-                    for p, good in zip(params, last_good):
-                        good.copy_(p)
+                if per_step:
+                    with torch.no_grad():
+                        for p, good in zip(params, last_good):
+                            good.copy_(p)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+            if last_epoch:
+                with torch.no_grad():
+                    ti = _type_index(types[j] if types is not None else None, v, out)
+                    e = (out.detach() - y).pow(2).sum(-1).to(torch.float64)
+                    ref = y.pow(2).sum(-1).to(torch.float64)
+                    keep = ti >= 0
+                    err_num.index_add_(0, ti[keep], e[keep])
+                    err_den.index_add_(0, ti[keep], ref[keep])
             opt.step()
             sched.step()
             step += 1
-            running += loss.item()
-        mean = running / len(hidden)
+            running += loss.detach()
+        mean = float(running) / len(hidden)  # one host sync per epoch
+        if not math.isfinite(mean):
+            raise NonFiniteLossError(f"non-finite block loss in layer {index}, epoch {epoch}; "
+                                     "lower method.lr or set method.on_nonfinite=keep_last")
         if epoch == 0:
             info["loss_first_epoch"] = mean
         info["loss_last_epoch"] = mean
     info["steps"] = step
+    names = token_types.names if (token_types is not None and types is not None) else ["all"]
+    rel = (err_num / err_den.clamp(min=1e-300)).tolist()
+    info["err"] = {n: rel[k] for k, n in enumerate(names) if err_den[k] > 0}
     return info
 
 
@@ -260,9 +307,14 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
     if model.config._attn_implementation != IMPL:
         model.set_attn_implementation(IMPL)  # the post-RoPE hook point (SDPA underneath)
     num_types = token_types.num_types if token_types is not None else 1
-    hidden, kwargs, types = capture_layer0_inputs(model, adapter, ctx.calib.batches(cfg.batch_size), ctx.device)
+    batches = list(ctx.calib.batches(cfg.batch_size))
+    valid = [real_tokens(b) for b in batches]
+    valid = None if all(v is None for v in valid) else [v.to(ctx.device) for v in valid]
+    hidden, kwargs, types = capture_layer0_inputs(model, adapter, batches, ctx.device)
     if token_types is None:
         types = None
+    elif valid is not None:  # padding is no token type: out of the loss and of every statistic
+        types = [t.masked_fill(~v.to(t.device), -1) for t, v in zip(types, valid)]
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:
         p.requires_grad_(False)
@@ -276,12 +328,12 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
             hidden = [h.to(dtype) for h in hidden]
             kw = [_cast_kwargs(k, dtype) for k in kwargs]
             targets, stats = full_precision_pass(block, hidden, kw, types, token_types, num_types, want_cov,
-                                                 want_qk_cov)
+                                                 want_qk_cov, valid)
             plan = build(i, block, stats)
             plan.install()
             res = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0, "nonfinite": None}
             if train:
-                res = train_layer(layer, plan, hidden, kw, types, targets, cfg, i, token_types, num_types)
+                res = train_layer(layer, plan, hidden, kw, types, targets, cfg, i, token_types, num_types, valid)
             for p in plan.param_groups()[0] + plan.param_groups()[1]:
                 p.requires_grad_(False)
             plan.merge()
@@ -289,6 +341,8 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
             losses.append(res)
             for k, v in getattr(plan, "info", {}).items():
                 info[f"layer{i}.{k}"] = v
+            for name, v in res.get("err", {}).items():
+                info[f"layer{i}.err.{name}"] = round(v, 6)
             if res["nonfinite"]:
                 info.setdefault("nonfinite", []).append(res["nonfinite"])
             hidden = targets  # the full-precision chain feeds the next layer

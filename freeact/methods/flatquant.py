@@ -77,6 +77,7 @@ class LayerTransforms:
         self.iqs = {n: InputQuantizer(quant.act, online[n], learnable_clip=learn).to(l.weight.device)
                     for n, l in self.lins.items()}
         self.info = info or {}
+        self.before_merge = None  # optional: frozen site values -> info entries (FreeAct's energies)
 
     def _site_of(self, name: str) -> str:
         return next(s for s, names in SITES.items() if name in names)
@@ -114,6 +115,8 @@ class LayerTransforms:
     @torch.no_grad()
     def merge(self) -> None:
         frozen = {name: _inner(site).frozen() for name, site in self.sites.items()}
+        if self.before_merge is not None:
+            self.info.update(self.before_merge(frozen))
         fvo = self.vo.frozen() if self.vo is not None else None
         for n, lin in self.lins.items():
             fr = frozen.get(self._site_of(n))

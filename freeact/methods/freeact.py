@@ -23,6 +23,22 @@ energy fraction stays under ``energy_threshold``, from the calibration covarianc
 (random orthogonal, the paper's) or ``init: spectral`` (``U_k`` = low-energy eigen-directions of the
 other types' covariance; needs ``structure: dense``). Training is FlatQuant's block-wise training
 with the per-type MSE summed over the types (lr 1e-3).
+
+Where the typed coordinates live (``typed_basis``):
+
+* ``transform`` (the paper's description): the typed basis IS the learnable orthogonal transform; with
+  the Kronecker structure the unique blocks are the last ``sum(r_k)`` coordinates of ``Q_l (x) Q_r``, so
+  each unique direction is a column of ``Q_l`` times part of ``Q_r`` and cannot align freely with a
+  type's null space;
+* ``dense``: FlatQuant's transform (any ``matrix``/``structure``, e.g. invertible Kronecker) followed
+  by a dense learnable orthogonal ``R`` that holds the typed coordinates, ``x -> ((x / s) P R) * keep_k``
+  and ``W -> W diag(s) P^{-T} R``; with ``init: spectral`` ``R`` starts from the eigen-directions of the
+  covariances of ``(x / s) P`` (the unique blocks start nearly exact).
+
+Every run with more than one token type logs, per layer and site and per type, the fraction of that
+type's activation energy on the coordinates owned by the other types (what the zeroing removes; 0 =
+exact) at initialisation and after training: ``layer{i}.{site}.energy_init.{type}`` and
+``energy_final.{type}``; block training adds ``layer{i}.err.{type}``.
 """
 from __future__ import annotations
 
@@ -31,12 +47,14 @@ import warnings
 import torch
 
 from ..models.token_types import TokenTypes, rules_from_names
-from ..transforms.affine import AffineSite, HeadTransform, kron_matmul
-from ..transforms.typed import TypeMask, other_type_energy, owner_from_ranks, ranks_from_ratio, typed_basis
+from ..transforms.affine import (AffineSite, HeadTransform, initial_matrix, kron_matmul, most_square_factors,
+                                 random_orthogonal)
+from ..transforms.typed import TypeMask, owner_from_ranks, ranks_from_ratio, typed_basis, zeroed_energy
 from .base import QuantContext, register_method
 from .flatquant import SITES, STAT_KEY, FlatQuant
 
 INITS = ("random", "spectral")
+TYPED_BASES = ("transform", "dense")
 RANK_MODES = ("fixed", "per_layer")
 MISSING = ("error", "warn")
 
@@ -68,22 +86,25 @@ class FreeAct(FlatQuant):
     DEFAULTS = {**FlatQuant.DEFAULTS, "lr": 1e-3, "matrix": "orthogonal", "o_transform": "site",
                 "token_types": ["mask", "unmasked"], "rank_ratio": 1 / 32, "rank_mode": "fixed",
                 "energy_threshold": 0.01, "max_rank_ratio": 0.25, "init": "random", "spectral_mix": True,
-                "typed_kv": True, "missing_type": "error"}
+                "typed_kv": True, "missing_type": "error", "typed_basis": "transform"}
     loss_by_type = True
 
     def _check(self) -> None:
         c = self.cfg
-        if c["matrix"] != "orthogonal":
-            raise ValueError(f"method.matrix={c['matrix']!r}: FreeAct's weight-side basis is orthogonal")
+        if c["typed_basis"] not in TYPED_BASES:
+            raise ValueError(f"method.typed_basis={c['typed_basis']!r} must be one of {TYPED_BASES}")
+        if c["matrix"] != "orthogonal" and c["typed_basis"] == "transform":
+            raise ValueError(f"method.matrix={c['matrix']!r}: with typed_basis=transform the typed basis is the "
+                             "transform itself and must be orthogonal (typed_basis=dense takes any matrix)")
         if c["init"] not in INITS:
             raise ValueError(f"method.init={c['init']!r} must be one of {INITS}")
         if c["rank_mode"] not in RANK_MODES:
             raise ValueError(f"method.rank_mode={c['rank_mode']!r} must be one of {RANK_MODES}")
         if c["missing_type"] not in MISSING:
             raise ValueError(f"method.missing_type={c['missing_type']!r} must be one of {MISSING}")
-        if c["init"] == "spectral" and c["structure"] != "dense":
-            raise ValueError("method.init=spectral needs method.structure=dense (eigen-directions are not "
-                             "Kronecker-structured)")
+        if c["init"] == "spectral" and c["structure"] != "dense" and c["typed_basis"] == "transform":
+            raise ValueError("method.init=spectral needs method.structure=dense or method.typed_basis=dense "
+                             "(eigen-directions are not Kronecker-structured)")
         if not 0 <= float(c["rank_ratio"]) <= 1:
             raise ValueError(f"method.rank_ratio={c['rank_ratio']} must be in [0, 1]")
         if not 0 <= float(c["energy_threshold"]) < 1:
@@ -108,13 +129,13 @@ class FreeAct(FlatQuant):
         return {f"type_tokens.{n}": c for n, c in counts.items()}
 
     def wants_cov(self) -> bool:
-        return self.cfg["init"] == "spectral" or self.cfg["rank_mode"] == "per_layer"
+        typed = self.token_types is not None and self.token_types.num_types > 1
+        return typed or self.cfg["init"] == "spectral" or self.cfg["rank_mode"] == "per_layer"
 
     # -- typed transforms -----------------------------------------------------------------------
-    def _ranks_and_basis(self, d: int, covs, counts, generator):
-        """(ranks, spectral basis or None, which types have statistics or None)."""
+    def _ranks_and_basis(self, d: int, covs, present, generator):
+        """(ranks, spectral basis or None) from covariances in the coordinates the typed basis acts on."""
         n = self.token_types.num_types
-        present = [int(c) > 0 for c in counts] if counts is not None else None
         if self.cfg["rank_mode"] == "fixed":
             ranks = ranks_from_ratio(d, float(self.cfg["rank_ratio"]), n)
         else:
@@ -124,47 +145,72 @@ class FreeAct(FlatQuant):
         basis = None
         if self.cfg["init"] == "spectral":
             basis = typed_basis(covs, ranks, present=present, mix=bool(self.cfg["spectral_mix"]), generator=generator)
-        return ranks, basis, present
+        return ranks, basis
+
+    def _energies(self, when: str, M: torch.Tensor, owner, covs, present) -> dict:
+        vals = zeroed_energy(M, owner, covs, present)
+        return {f"energy_{when}.{n}": round(v, 6) for n, v in zip(self.token_types.names, vals) if v is not None}
 
     def make_site(self, ctx, i: int, site_name: str, block, stats, scale, slot: int):
         d = getattr(block, SITES[site_name][-1]).in_features
         gen = self._generator(ctx, i, slot)
-        covs = counts = None
+        c = self.cfg
+        covs = present = None
         if self.wants_cov():
             acc = stats.cov[STAT_KEY[site_name]]
-            covs = acc.scaled(None if scale is None else 1.0 / scale)
-            counts = acc.count
-        ranks, basis, present = self._ranks_and_basis(d, covs, counts, gen)
-        common = dict(scale=scale, learn_scale=bool(self.cfg["learn_scale"]), dtype=stats.dtype)
-        if basis is not None:
+            covs, present = acc.cov, [int(k) > 0 for k in acc.count]
+        common = dict(scale=scale, learn_scale=bool(c["learn_scale"]), dtype=stats.dtype)
+        # ``pre``: what acts before the typed basis (the scaling; with typed_basis=dense also P)
+        pre = torch.eye(d, dtype=torch.float64) if scale is None else torch.diag(1.0 / scale.to(torch.float64))
+        factors = None
+        if c["typed_basis"] == "dense":
+            dims = most_square_factors(d) if c["structure"] == "kronecker" else (d,)
+            factors = [initial_matrix(n, c["matrix_init"], gen) for n in dims]
+            pre = kron_matmul(pre, factors)
+        seen = None if covs is None else pre.T.to(covs) @ covs @ pre.to(covs)
+        ranks, basis = self._ranks_and_basis(d, seen, present, gen)
+        if c["typed_basis"] == "dense":
+            post = basis.Q if basis is not None else random_orthogonal(d, gen)
+            inner = AffineSite(d, c["matrix"], c["structure"], factors_init=factors, post_init=post, **common)
+        elif basis is not None:
             inner = AffineSite(d, "orthogonal", "dense", factors_init=[basis.Q], **common)
-            owner = basis.owner
         else:
-            inner = AffineSite(d, "orthogonal", self.cfg["structure"], init=self.cfg["matrix_init"], generator=gen,
-                               **common)
-            owner = owner_from_ranks(d, ranks)
+            inner = AffineSite(d, "orthogonal", c["structure"], init=c["matrix_init"], generator=gen, **common)
+        owner = basis.owner if basis is not None else owner_from_ranks(d, ranks)
         site = TypeMask(inner, owner, self.token_types)
         site.info = {"ranks": "/".join(map(str, ranks))}
         if covs is not None:
-            Q = self._dense_basis(inner)
-            site.info["other_energy"] = round(max(other_type_energy(Q, owner, covs, present)), 6)
+            M = AffineSite.frozen_act_matrix(inner.frozen())
+            site.info.update(self._energies("init", M, owner, covs, present))
+            site.energy_stats = (covs, present)
         return site
 
-    @staticmethod
-    @torch.no_grad()
-    def _dense_basis(site: AffineSite) -> torch.Tensor:
-        mats = site.frozen()["act"]
-        return kron_matmul(torch.eye(site.d, dtype=torch.float64, device=mats[0].device), mats)
+    def build_layer(self, ctx, i: int, block, stats):
+        plan = super().build_layer(ctx, i, block, stats)
+        typed = {name: site for name, site in plan.sites.items() if hasattr(site, "energy_stats")}
+
+        def final_energies(frozen: dict) -> dict:
+            out = {}
+            for name, site in typed.items():
+                covs, present = site.energy_stats
+                M = AffineSite.frozen_act_matrix(frozen[name])
+                out.update({f"{name}.{k}": v for k, v in self._energies("final", M, site.owner, covs, present).items()})
+                del site.energy_stats  # (num_types, d, d) float64: not kept past the layer
+            return out
+
+        if typed:
+            plan.before_merge = final_energies
+        return plan
 
     def make_k_transform(self, ctx, i: int, head_dim: int, stats):
         gen = self._generator(ctx, i, 4)
         if not self.cfg["typed_kv"]:
             return super().make_k_transform(ctx, i, head_dim, stats)
-        covs = counts = None
+        covs = present = None
         if self.wants_cov():
             covs = _merge_qk(stats.q_cov, stats.k_cov)
-            counts = stats.q_cov.count
-        ranks, basis, present = self._ranks_and_basis(head_dim, covs, counts, gen)
+            present = [int(c) > 0 for c in stats.q_cov.count]
+        ranks, basis = self._ranks_and_basis(head_dim, covs, present, gen)
         if basis is not None:
             inner = HeadTransform(head_dim, init_matrix=basis.Q, dtype=stats.dtype)
             owner = basis.owner
@@ -174,7 +220,7 @@ class FreeAct(FlatQuant):
         k = TypeMask(inner, owner, self.token_types)
         k.info = {"ranks": "/".join(map(str, ranks))}
         if covs is not None:
-            k.info["other_energy"] = round(max(other_type_energy(inner.q.frozen()[0], owner, covs, present)), 6)
+            k.info.update(self._energies("init", inner.q.frozen()[0], owner, covs, present))
         return k
 
 

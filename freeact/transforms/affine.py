@@ -44,7 +44,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from ..quant.quantizer import QuantSpec, fake_quant
 
-__all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "smooth_scale", "LearnableSquare",
+__all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "initial_matrix", "smooth_scale", "LearnableSquare",
            "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear",
            "OnlineMemo"]
 
@@ -136,7 +136,7 @@ class LearnableSquare(nn.Module):
         return m.matrix().detach(), m.inverse_t().detach()
 
 
-def _init_matrix(n: int, init: str, generator) -> Tensor:
+def initial_matrix(n: int, init: str, generator) -> Tensor:
     if init == "random":
         return random_orthogonal(n, generator)
     if init == "identity":
@@ -198,21 +198,27 @@ class AffineSite(OnlineMemo, _Mergeable):
     ``scale``: the initial per-channel ``s`` (None = no scaling); ``learn_scale`` makes it a
     parameter. ``init`` of the factors: "random" (random orthogonal, FlatQuant) or "identity";
     ``factors_init`` overrides it with explicit orthogonal matrices (one per factor).
+    ``post_init``: an optional dense orthogonal ``d x d`` matrix ``R`` applied after ``P`` (learnable,
+    Cayley-parametrized): ``x -> (x / s) P R`` and ``W -> W diag(s) P^{-T} R``. FreeAct's
+    ``typed_basis: dense`` puts its token-typed coordinates in ``R``, so the unique blocks are free to
+    align with each type's null space whatever the structure of ``P``.
     """
 
     def __init__(self, d: int, kind: str = "invertible", structure: str = "kronecker", scale: Tensor | None = None,
                  learn_scale: bool = True, init: str = "random", generator: torch.Generator | None = None,
-                 factors_init: list[Tensor] | None = None, dtype=torch.float32):
+                 factors_init: list[Tensor] | None = None, post_init: Tensor | None = None,
+                 dtype=torch.float32):
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
         self.d, self.kind, self.structure = d, kind, structure
         dims = most_square_factors(d) if structure == "kronecker" else (d,)
         if factors_init is None:
-            factors_init = [_init_matrix(n, init, generator) for n in dims]
+            factors_init = [initial_matrix(n, init, generator) for n in dims]
         if [tuple(m.shape) for m in factors_init] != [(n, n) for n in dims]:
             raise ValueError(f"factors_init shapes {[tuple(m.shape) for m in factors_init]} do not match {dims}")
         self.factors = nn.ModuleList(LearnableSquare(n, kind, m, dtype) for n, m in zip(dims, factors_init))
+        self.post = None if post_init is None else LearnableSquare(d, "orthogonal", post_init, dtype)
         if scale is None:
             self.scale = None
         elif learn_scale:
@@ -231,6 +237,11 @@ class AffineSite(OnlineMemo, _Mergeable):
             return [getattr(self, f"act_{i}") for i in range(self.n_factors)]
         return [f.matrix() for f in self.factors]
 
+    def _post_mat(self) -> Tensor | None:
+        if self.merged:
+            return self.post_act
+        return None if self.post is None else self.post.matrix()
+
     # -- activation side (online) ------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self._cached(x, self._act)
@@ -243,7 +254,9 @@ class AffineSite(OnlineMemo, _Mergeable):
                 x = x * self.inv_scale.to(x.dtype)
         elif self.scale is not None:
             x = x / self.scale.to(x.dtype)
-        return kron_matmul(x, [m.to(x.dtype) for m in self._act_mats()])
+        x = kron_matmul(x, [m.to(x.dtype) for m in self._act_mats()])
+        post = self._post_mat()
+        return x if post is None else x @ post.to(x.dtype)
 
     # -- weight side --------------------------------------------------------------------------
     def transform_weight(self, w: Tensor) -> Tensor:
@@ -251,21 +264,37 @@ class AffineSite(OnlineMemo, _Mergeable):
         self._check_calibrating("weight side")
         if self.scale is not None:
             w = w * self.scale.to(w.dtype)
-        return kron_matmul(w, [f.inverse_t().to(w.dtype) for f in self.factors])
+        w = kron_matmul(w, [f.inverse_t().to(w.dtype) for f in self.factors])
+        return w if self.post is None else w @ self.post.matrix().to(w.dtype)
 
     @torch.no_grad()
     def frozen(self) -> dict:
-        """Everything in float64: act-side factors, weight-side factors (``P^{-T}``), the scale."""
+        """Everything in float64: act-side factors, weight-side factors (``P^{-T}``), the scale and
+        the post-rotation ``R`` (None without one)."""
         self._check_calibrating("transform")
         pairs = [f.frozen(torch.float64) for f in self.factors]
         s = None if self.scale is None else self.scale.detach().to(torch.float64)
-        return {"act": [p for p, _ in pairs], "weight": [q for _, q in pairs], "scale": s}
+        post = None if self.post is None else self.post.frozen(torch.float64)[0]
+        return {"act": [p for p, _ in pairs], "weight": [q for _, q in pairs], "scale": s, "post": post}
 
     @staticmethod
     def apply_frozen_weight(frozen: dict, w: Tensor) -> Tensor:
         if frozen["scale"] is not None:
             w = w * frozen["scale"].to(w.device)
-        return kron_matmul(w, [m.to(w.device) for m in frozen["weight"]])
+        w = kron_matmul(w, [m.to(w.device) for m in frozen["weight"]])
+        post = frozen.get("post")
+        return w if post is None else w @ post.to(w.device)
+
+    @staticmethod
+    def frozen_act_matrix(frozen: dict) -> Tensor:
+        """The whole activation side as one ``d x d`` float64 matrix ``M``: ``x -> x M``."""
+        d = math.prod(m.shape[0] for m in frozen["act"])
+        M = torch.eye(d, dtype=torch.float64, device=frozen["act"][0].device)
+        if frozen["scale"] is not None:
+            M = M / frozen["scale"].to(M).unsqueeze(0)
+        M = kron_matmul(M, [m.to(M) for m in frozen["act"]])
+        post = frozen.get("post")
+        return M if post is None else M @ post.to(M)
 
     @torch.no_grad()
     def merge(self, frozen: dict | None = None) -> None:
@@ -280,6 +309,10 @@ class AffineSite(OnlineMemo, _Mergeable):
         for i, m in enumerate(frozen["act"]):
             self.register_buffer(f"act_{i}", m.to(dtype))
         del self.factors
+        post = frozen.get("post")
+        if self.post is not None:
+            del self.post
+        self.register_buffer("post_act", None if post is None else post.to(dtype))
         if self.scale is not None:
             del self.scale
             self.register_buffer("inv_scale", (1.0 / frozen["scale"]).to(dtype))
@@ -308,8 +341,8 @@ class HeadwiseVO(_Mergeable):
         self.kind, self.has_heads = kind, heads
         self.heads = None
         if heads:
-            self.heads = LearnableSquare(num_heads, kind, _init_matrix(num_heads, init, generator), dtype)
-        self.value = LearnableSquare(head_dim, kind, _init_matrix(head_dim, init, generator), dtype)
+            self.heads = LearnableSquare(num_heads, kind, initial_matrix(num_heads, init, generator), dtype)
+        self.value = LearnableSquare(head_dim, kind, initial_matrix(head_dim, init, generator), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """``o_proj``'s input ``(..., heads * head_dim) -> x (P_h (x) I)`` (identity without heads)."""
@@ -388,7 +421,7 @@ class HeadTransform(_Mergeable):
     def __init__(self, head_dim: int, init: str = "random", generator: torch.Generator | None = None,
                  init_matrix: Tensor | None = None, dtype=torch.float32):
         super().__init__()
-        m = _init_matrix(head_dim, init, generator) if init_matrix is None else init_matrix
+        m = initial_matrix(head_dim, init, generator) if init_matrix is None else init_matrix
         self.head_dim = head_dim
         self.q = LearnableSquare(head_dim, "orthogonal", m, dtype)
 

@@ -18,7 +18,17 @@ the transform is the plain orthogonal (FlatQuant-equivalent) one.
 :class:`~freeact.transforms.affine.HeadTransform`) and multiplies its output by
 ``keep[types]`` before the activation quantizer; the token-type tensor comes from the model's
 :class:`~freeact.models.token_types.TokenTypes` (``token_types.get()``) at run time. The mask
-gather handles all types at once, so types absent from a batch cost nothing.
+gather handles all types at once, so types absent from a batch cost nothing. Type ``-1`` (padding
+during calibration) keeps every coordinate.
+
+**What the split can and cannot do.** For a type-k row ``z = (x / s) Q``, the zeroing changes ``z``
+only on coordinates where it is not already zero. If type k has no energy on the other types'
+blocks (the exact case), ``z * keep_k = z`` and the quantized activation is bit-for-bit that of the
+untyped transform with the same ``Q``. Otherwise each zeroed coordinate's error ``|z_i|`` is at least
+its round-to-nearest error (``|z_i|`` below half a step rounds to 0 anyway; above it, rounding errs by
+at most half a step), so with the per-token scale unchanged the zeroing never lowers the activation
+error coordinate by coordinate (``tests/test_freeact.py`` checks both statements). Gains over the
+untyped basis can therefore come only from a changed per-token scale or from training dynamics.
 
 Initial bases (:func:`typed_basis`, ``init="spectral"``): for each type ``k`` in turn, ``U_k`` are
 the lowest-energy eigen-directions of the OTHER types' (trace-normalised) activation covariance,
@@ -38,7 +48,7 @@ from torch import Tensor, nn
 from .affine import OnlineMemo, random_orthogonal
 
 __all__ = ["ranks_from_ratio", "owner_from_ranks", "keep_masks", "TypeMask", "TypeCovariance", "TypedBasis",
-           "typed_basis", "other_type_energy"]
+           "typed_basis", "other_type_energy", "zeroed_energy"]
 
 
 # ----------------------------------------------------------------------------- ranks and masks
@@ -84,6 +94,8 @@ class TypeMask(OnlineMemo, nn.Module):
         self.token_types = token_types
         self.register_buffer("owner", owner.clone())
         self.register_buffer("keep", keep_masks(owner, num_types))
+        # row -1 (type -1: padding) keeps every coordinate
+        self.register_buffer("keep_ext", torch.cat([self.keep, torch.ones(1, owner.numel())]), persistent=False)
         self.has_unique = bool((owner >= 0).any())
         self.type_reads = 0
 
@@ -102,7 +114,7 @@ class TypeMask(OnlineMemo, nn.Module):
         if not self.has_unique:
             return z
         t = self.token_types.get()
-        keep = self.keep[t.to(self.keep.device)]  # (batch, seq, d)
+        keep = self.keep_ext[t.to(self.keep_ext.device)]  # (batch, seq, d); -1 -> the keep-all row
         if z.dim() == t.dim() + 2:  # (batch, heads, seq, d)
             keep = keep.unsqueeze(1)
             lead = (z.shape[0], z.shape[2])
@@ -170,6 +182,27 @@ def other_type_energy(Q: Tensor, owner: Tensor, covs: Tensor, present: list[bool
         Uk = Q[:, owner.to(Q.device) == k]
         vals = [float(torch.trace(Uk.T @ norm[j] @ Uk)) for j in range(n) if j != k and norm[j] is not None]
         out.append(max(vals, default=0.0))
+    return out
+
+
+def zeroed_energy(M: Tensor, owner: Tensor, covs: Tensor, present: list[bool] | None = None) -> list[float | None]:
+    """For each type ``j``: the fraction of its transformed activation energy (``z = x M``,
+    ``M`` the whole activation side, ``covs`` the second moments of ``x``) on coordinates owned by
+    OTHER types, i.e. what the zeroing removes from type-j tokens (0 = exact). None for a type
+    without statistics."""
+    n = covs.shape[0]
+    present = present or [True] * n
+    M = M.to(torch.float64).to(covs.device)
+    owner = owner.to(covs.device)
+    out = []
+    for j in range(n):
+        if not present[j]:
+            out.append(None)
+            continue
+        E = torch.diagonal(M.T @ covs[j] @ M)  # per-coordinate energy of type j
+        total = E.sum()
+        other = (owner >= 0) & (owner != j)
+        out.append(float(E[other].sum() / total) if total > 0 else 0.0)
     return out
 
 
