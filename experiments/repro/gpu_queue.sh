@@ -16,4 +16,4 @@ run_one() {
   echo "$(date +%T) done $i rc=$? $*" >>"$OUT/done.txt"
 }
 export -f run_one
-grep -v '^\s*$' "$jobs" | grep -v '^#' | nl -ba -w1 -s' ' | xargs -P "$par" -L 1 bash -c 'run_one "$@"' _
+sed 's/[[:space:]]*$//' "$jobs" | grep -v '^$' | grep -v '^#' | nl -ba -w1 -s' ' | xargs -P "$par" -L 1 bash -c 'run_one "$@"' _
