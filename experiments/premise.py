@@ -84,7 +84,7 @@ def default_types(adapter, cfg) -> list[str]:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     cfg = compose_cfg(a.overrides)
-    t0 = time.time()
+    t0, commit = time.time(), git_commit()
     model, adapter, batches = build(cfg, a.device)
     names = a.types.split(",") if a.types else default_types(adapter, cfg)
     tt = TokenTypes(rules_from_names(adapter, names))
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     seconds = time.time() - t0
     meta = {"model": cfg.model.name, "calib": cfg.calib.name, "nsamples": cfg.calib.nsamples,
             "seqlen": None if is_multimodal(cfg.calib) else cfg.calib.seqlen, "seed": cfg.seed,
-            "git_commit": git_commit(), "device": a.device}
+            "git_commit": commit, "device": a.device}
     df = df.assign(**meta)[list(meta) + list(df.columns)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
