@@ -27,7 +27,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(PYTHON) -m freeact.run --multirun +experiment=demo progress=false
-	$(PYTHON) experiments/make_tables.py results/runs.csv --tag demo
+	$(PYTHON) experiments/make_tables.py results/runs.csv --tag demo --allow-mixed
 
 test: setup
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PYTHON) -m pytest -n 2 tests

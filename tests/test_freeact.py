@@ -1,5 +1,6 @@
 """FreeAct: exactness on type-null data, W4A4 gain over a shared rotation, the type tensor reaching every
-layer, r_k = 0 == FlatQuant, spectral-init invariance on tiny dLLMs, ranks, configs."""
+layer, r_k = 0 == FlatQuant restricted to orthogonal factors, spectral-init invariance on tiny dLLMs, what an exact
+split can and cannot change, ranks, configs."""
 import pytest
 import torch
 from omegaconf import OmegaConf

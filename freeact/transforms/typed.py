@@ -11,7 +11,7 @@ the rows of ``P_w``, are the basis) whose coordinates are owned either by all to
 (``P_k = Q diag(keep_k)`` is a slice of ``Q``: nothing extra is stored). Hence
 ``x_k P_k Q^T = x_k (I - sum_{j != k} U_j U_j^T)``: exact when type-k activations have no energy on
 the other types' blocks, approximate otherwise. With every ``r_k = 0`` the mask is all ones and
-the transform is the plain orthogonal (FlatQuant-equivalent) one.
+the transform is the plain orthogonal one (FlatQuant restricted to orthogonal factors).
 
 **Where the zeroing happens**: :class:`TypeMask` wraps the online activation-side module (an
 :class:`~freeact.transforms.affine.AffineSite`, or the post-RoPE

@@ -1,0 +1,45 @@
+"""experiments/repro/report.py: the study's numbers regenerate from its result CSVs (and refuse mixed commits)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "experiments" / "repro" / "report.py"
+
+
+def _rows(seeds_a, seeds_b, commit="abc1234"):
+    rows = []
+    for label, vals in (("flatquant", seeds_a), ("freeact_flat", seeds_b)):
+        for seed, v in enumerate(vals):
+            rows.append({"run_hash": f"{label}{seed}", "status": "ok", "model.name": "m", "method.name": label,
+                         "method.label": label, "quant.name": "w4a4", "seed": seed, "wiki.nll": v,
+                         "git_commit": commit, "info.layer0.qkv.energy_init.mask": 0.01 * (seed + 1),
+                         "info.layer0.qkv.energy_final.mask": 0.02, "info.layer0.err.mask": 0.5})
+    return rows
+
+
+def test_report_regenerates_paired_differences(tmp_path):
+    csv = tmp_path / "t.csv"
+    pd.DataFrame(_rows([4.0, 4.1, 4.2], [3.9, 3.98, 4.06])).to_csv(csv, index=False)
+    out = tmp_path / "r.md"
+    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out), "--energy-dir", str(tmp_path)],
+                   check=True, cwd=ROOT)
+    text = out.read_text()
+    # differences -0.10, -0.12, -0.14: mean -0.12, t(2) = 4.302653, sd 0.02 -> half width 0.049683
+    assert "| freeact_flat | -0.1200 [-0.1697, -0.0703] (n = 3; lower) |" in text
+    assert "| flatquant | 4.1000 ± 0.1000 (3) |" in text
+    assert "rows from commit abc1234 (6 rows)" in text
+    energy = pd.read_csv(tmp_path / "energy_t.csv")
+    assert sorted(energy["energy_init"]) == pytest.approx([0.01, 0.01, 0.02, 0.02, 0.03, 0.03])  # 2 labels x 3 seeds
+
+
+def test_report_refuses_mixed_commits(tmp_path):
+    csv = tmp_path / "t.csv"
+    rows = _rows([4.0, 4.1], [3.9, 4.0])
+    rows[0]["git_commit"] = "def5678+dirty"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    res = subprocess.run([sys.executable, str(SCRIPT), str(csv)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and "dirty" in res.stderr
