@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PYTHON) -m freeact.run --multirun +experiment=demo progress=false
-	$(PYTHON) experiments/make_tables.py results/runs.csv --tag demo --allow-mixed
+	HF_HUB_OFFLINE=1 $(PYTHON) -m freeact.run --multirun +experiment=demo
+	$(PYTHON) experiments/make_tables.py results/runs.csv --tag demo --rows model.name,method.label --metrics wiki.nll --digits 3 --allow-mixed --out results/tables/demo
+	@echo "rows: results/runs.csv (one per run, every config key); run folders: multirun/; tables: results/tables/demo.md, .tex"
 
 test: setup
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PYTHON) -m pytest -n 2 tests

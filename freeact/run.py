@@ -47,8 +47,10 @@ def main(cfg: DictConfig) -> float | None:
         print(f"freeact: {run_hash} was written meanwhile by another job with the same config: row not duplicated")
     config_keys = set(flatten(cfg))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-             if k not in config_keys and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    print(f"freeact: {cfg.model.name} {cfg.method.name} {cfg.quant.name} -> {shown}")
+             if k not in config_keys and isinstance(v, (int, float)) and not isinstance(v, bool)
+             and not k.startswith("info.layer")}  # per-layer details stay in the row
+    label = cfg.method.get("label", cfg.method.name)
+    print(f"freeact: {cfg.model.name} {label} {cfg.quant.name} -> {shown}")
     return None
 
 
