@@ -202,7 +202,7 @@ def premise_stats(model, adapter, batches, token_types: TokenTypes, *, device="c
     half precision); the sites are FreeAct's: ``qkv`` (q_proj's input), ``o``, ``mlp`` (up/gate's
     input), ``down``. Columns: :data:`PREMISE_COLUMNS` (see :func:`premise_rows`).
     """
-    from .methods.block_training import _cast_kwargs, full_precision_pass
+    from .methods.block_training import float_layer, full_precision_pass
     from .methods.blockwise import capture_layer0_inputs
     from .methods.flatquant import STAT_KEY
 
@@ -220,11 +220,7 @@ def premise_stats(model, adapter, batches, token_types: TokenTypes, *, device="c
     rows = []
     for i, block in enumerate(tqdm(adapter.blocks(), desc="premise", disable=not progress)):
         layer = block.layer
-        orig = next(layer.parameters()).dtype
-        dtype = orig if orig in (torch.float32, torch.float64) else torch.float32
-        layer.to(dtype)
-        hidden = [h.to(dtype) for h in hidden]
-        kw = [_cast_kwargs(k, dtype) for k in kwargs]
+        orig, hidden, kw = float_layer(layer, hidden, kwargs)
         outs, stats = full_precision_pass(block, hidden, kw, types, token_types, n, want_cov=True, want_qk_cov=False)
         layer.to(orig)
         for site, lin in STAT_KEY.items():

@@ -215,6 +215,15 @@ def _cast_kwargs(kw: dict, dtype) -> dict:
     return {k: cast(v) for k, v in kw.items()}
 
 
+def float_layer(layer: nn.Module, hidden: list, kwargs: list) -> tuple[torch.dtype, list, list]:
+    """Cast ``layer`` to float32 (float32 / float64 stay) for full-precision work, with its cached inputs;
+    returns the layer's original dtype (cast it back afterwards) and the cast inputs."""
+    orig = next(layer.parameters()).dtype
+    dtype = orig if orig in (torch.float32, torch.float64) else torch.float32
+    layer.to(dtype)
+    return orig, [h.to(dtype) for h in hidden], [_cast_kwargs(k, dtype) for k in kwargs]
+
+
 def _cosine(total: int, min_ratio: float):
     return lambda step: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
@@ -322,11 +331,7 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
     try:
         for i, block in enumerate(tqdm(adapter.blocks(), desc="block-wise", disable=not ctx.progress, leave=False)):
             layer = block.layer
-            orig = next(layer.parameters()).dtype
-            dtype = orig if orig in (torch.float32, torch.float64) else torch.float32
-            layer.to(dtype)
-            hidden = [h.to(dtype) for h in hidden]
-            kw = [_cast_kwargs(k, dtype) for k in kwargs]
+            orig, hidden, kw = float_layer(layer, hidden, kwargs)
             targets, stats = full_precision_pass(block, hidden, kw, types, token_types, num_types, want_cov,
                                                  want_qk_cov, valid)
             plan = build(i, block, stats)
