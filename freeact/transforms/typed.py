@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from .affine import OnlineMemo, random_orthogonal
 
 __all__ = ["ranks_from_ratio", "owner_from_ranks", "keep_masks", "TypeMask", "TypeCovariance", "TypedBasis",
-           "typed_basis", "other_type_energy", "zeroed_energy"]
+           "typed_basis", "zeroed_energy"]
 
 
 # ----------------------------------------------------------------------------- ranks and masks
@@ -155,33 +155,12 @@ class TypeCovariance:
                 self.cov[k] += xk.T @ xk
                 self.count[k] += len(xk)
 
-    def scaled(self, inv_scale: Tensor | None) -> Tensor:
-        """Covariances of ``x * inv_scale`` (what the basis sees after per-channel scaling)."""
-        if inv_scale is None:
-            return self.cov
-        s = inv_scale.to(torch.float64).to(self.cov.device)
-        return self.cov * s.unsqueeze(-1) * s.unsqueeze(-2)
-
 
 def _normalised(covs: Tensor, present: list[bool]) -> list[Tensor | None]:
     out = []
     for C, p in zip(covs, present):
         tr = torch.trace(C)
         out.append(C / tr if p and tr > 0 else None)
-    return out
-
-
-def other_type_energy(Q: Tensor, owner: Tensor, covs: Tensor, present: list[bool] | None = None) -> list[float]:
-    """For each type ``k``: the largest energy fraction another type has on ``U_k`` (0 when exact)."""
-    n = covs.shape[0]
-    present = present or [True] * n
-    norm = _normalised(covs, present)
-    Q = Q.to(torch.float64).to(covs.device)
-    out = []
-    for k in range(n):
-        Uk = Q[:, owner.to(Q.device) == k]
-        vals = [float(torch.trace(Uk.T @ norm[j] @ Uk)) for j in range(n) if j != k and norm[j] is not None]
-        out.append(max(vals, default=0.0))
     return out
 
 
