@@ -186,10 +186,27 @@ def _check_multimodal_source(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}.source: {e}") from None
 
 
-def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
-    """Raise ConfigError on the first bad value; return the quantizer specs."""
+def _check_text_source(cfg: DictConfig, key: str) -> None:
+    """A shipped corpus or text file must exist; a dataset source (``hf:...``, a local data folder)
+    is loaded here, before the model (``datasets`` is imported only then), so that a dataset missing
+    offline, a bad split or a missing text column fail as a config error."""
+    from .data.sources import SourceError, is_dataset_source, load_text_dataset
     from .data.text import text_path
 
+    source = str(cfg[key].source)
+    try:
+        if is_dataset_source(source):
+            load_text_dataset(source, cfg[key].get("text_field") or "text")
+        else:
+            text_path(source)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}.source: {e}") from None
+    except SourceError as e:
+        raise ConfigError(f"{key}.source={source}: {e}") from None
+
+
+def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
+    """Raise ConfigError on the first bad value; return the quantizer specs."""
     _check(cfg.method.name in method_names, f"method.name={cfg.method.name!r} is not one of {method_names}")
     _check(cfg.method.get("weight_algo", "rtn") in WEIGHT_ALGOS,
            f"method.weight_algo={cfg.method.get('weight_algo')!r} must be one of {WEIGHT_ALGOS}")
@@ -227,10 +244,7 @@ def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
         if kind == "multimodal":
             _check_multimodal_source(cfg, key)
             continue
-        try:
-            text_path(cfg[key].source)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{key}.source: {e}") from None
+        _check_text_source(cfg, key)
     _check(cfg.logger.mode in ("offline", "online", "disabled"),
            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
     try:

@@ -93,7 +93,8 @@ def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, o
         else:
             calib = build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
                                     mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
-                                    t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max)
+                                    t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max,
+                                    text_field=cfg.calib.get("text_field") or "text")
         ctx = QuantContext(model, adapter, QuantSettings(**specs), calib, device=device,
                            batch_size=cfg.calib.batch_size, seed=cfg.seed, progress=cfg.progress)
         info = method.apply(ctx)

@@ -22,10 +22,10 @@ class CalibSet:
 
 def build_calib_set(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
                     mask_token_id: int | None = None, t_min: float = 0.0, t_max: float = 1.0,
-                    max_chars: int | None = None) -> CalibSet:
+                    max_chars: int | None = None, text_field: str = "text") -> CalibSet:
     """``nsamples`` random windows of ``seqlen`` tokens from ``source`` (its first ``max_chars``
-    characters if given); masked with t ~ U(t_min, t_max) per sequence when ``mask_token_id`` is set."""
-    ids = token_stream(tokenizer, read_text(source, max_chars))
+    characters if given; ``text_field``: the column of a dataset source); masked with t ~ U(t_min, t_max) per sequence when ``mask_token_id`` is set."""
+    ids = token_stream(tokenizer, read_text(source, max_chars, text_field))
     clean = random_windows(ids, nsamples, seqlen, seed)
     if mask_token_id is None:
         return CalibSet(clean, clean)

@@ -1,7 +1,10 @@
 """Text data: the shipped corpora, calibration windows, and dLLM masking.
 
 Shipped corpora live in ``freeact/assets/text`` (see its LICENSES.md); ``source`` is either the
-name of one of those files without ``.txt`` (``wiki.train``) or a path to any UTF-8 file.
+name of one of those files without ``.txt`` (``wiki.train``) or a path to any UTF-8 file; or a source
+read through ``datasets`` (``hf:<path>[:<config>][:<split>][@<data_files>]``, a local folder or file of
+parquet / json / jsonl / csv / txt data): see :mod:`freeact.data.sources`. Every source becomes one string
+through :func:`read_text` (documents joined with ``"\\n\\n"``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,13 @@ def text_path(source: str) -> Path:
     raise FileNotFoundError(f"text source {source!r} is neither a file nor a shipped corpus ({names})")
 
 
-def read_text(source: str, max_chars: int | None = None) -> str:
+def read_text(source: str, max_chars: int | None = None, text_field: str = "text") -> str:
+    """The whole text of ``source`` (its first ``max_chars`` characters if given). ``text_field``:
+    the column read from a dataset source (ignored for text files)."""
+    from .sources import dataset_text, is_dataset_source  # imports ``datasets`` only for such sources
+
+    if is_dataset_source(source):
+        return dataset_text(source, max_chars, text_field)
     p = text_path(source)
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt", encoding="utf-8") as f:

@@ -7,8 +7,13 @@ from .elbo import elbo
 from .perplexity import perplexity
 
 
+def text_field(data_cfg) -> str:
+    """The text column of a dataset source: the optional ``text_field`` key (``+eval.text_field=...``)."""
+    return getattr(data_cfg, "text_field", None) or "text"
+
+
 def evaluate_text(model, adapter, tokenizer, ecfg, device="cpu", progress=True) -> dict:
-    ids = token_stream(tokenizer, read_text(ecfg.source))
+    ids = token_stream(tokenizer, read_text(ecfg.source, text_field=text_field(ecfg)))
     if adapter.objective == "mdm":
         res = elbo(model, adapter, ids, ecfg.seqlen, mc_num=ecfg.mc_num, seed=ecfg.seed,
                    batch_size=ecfg.batch_size, max_chunks=ecfg.max_chunks, device=device, progress=progress)
