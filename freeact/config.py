@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .quant.quantizer import GRANULARITIES, QuantSpec
+from .quant.spec import GRANULARITIES, QuantSpec
 
 
 class ConfigError(ValueError):
@@ -114,7 +114,7 @@ def _check(cond: bool, msg: str) -> None:
 def spec(cfg, key: str) -> QuantSpec:
     s = cfg.quant[key]
     _check(2 <= s.bits <= 16, f"quant.{key}.bits={s.bits} must be in 2..16 (16 = not quantized)")
-    from .quant.quantizer import _ALIASES
+    from .quant.spec import _ALIASES
 
     g = _ALIASES.get(s.granularity, s.granularity)
     _check(g in GRANULARITIES, f"quant.{key}.granularity={s.granularity!r} must be one of {GRANULARITIES}")
@@ -130,7 +130,7 @@ def _is_local(path: str) -> bool:
 
 def _resolve_package_path(key: str, path: str) -> str:
     """``pkg://PACKAGE/sub/dir`` -> a directory of the installed package (see models.loading.resolve_path)."""
-    from .models.loading import resolve_path
+    from .paths import resolve_path
 
     try:
         return resolve_path(path)
@@ -145,13 +145,13 @@ def model_widths(m) -> dict:
     elif m.get("gguf_file"):  # a GGUF file holds its config in its metadata (no config.json)
         from transformers import AutoConfig
 
-        from .models.loading import resolve_path
+        from .paths import resolve_path
 
         raw = AutoConfig.from_pretrained(resolve_path(m.path), gguf_file=m.gguf_file).to_dict()
     else:
         from transformers.utils import cached_file
 
-        from .models.loading import resolve_path
+        from .paths import resolve_path
 
         with open(cached_file(resolve_path(m.path), "config.json")) as f:
             raw = json.load(f)
@@ -205,9 +205,10 @@ def _check_text_source(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}.source={source}: {e}") from None
 
 
-def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
-    """Raise ConfigError on the first bad value; return the quantizer specs."""
-    _check(cfg.method.name in method_names, f"method.name={cfg.method.name!r} is not one of {method_names}")
+def validate(cfg: DictConfig, method_names) -> dict[str, QuantSpec]:
+    """Raise ConfigError on the first bad value; return the quantizer specs. ``method_names``: the
+    registered methods, or a callable giving them (called only once the cheap checks passed, since
+    it imports the methods: a bad value is reported before torch is loaded)."""
     _check(cfg.method.get("weight_algo", "rtn") in WEIGHT_ALGOS,
            f"method.weight_algo={cfg.method.get('weight_algo')!r} must be one of {WEIGHT_ALGOS}")
     m = cfg.model
@@ -247,6 +248,8 @@ def validate(cfg: DictConfig, method_names: list[str]) -> dict[str, QuantSpec]:
         _check_text_source(cfg, key)
     _check(cfg.logger.mode in ("offline", "online", "disabled"),
            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    names = method_names() if callable(method_names) else method_names
+    _check(cfg.method.name in names, f"method.name={cfg.method.name!r} is not one of {names}")
     try:
         widths = model_widths(m)
     except (OSError, KeyError, TypeError) as e:

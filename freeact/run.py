@@ -10,18 +10,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .config import ConfigError, config_hash, validate
-from .methods import get_method, method_names
+
+
+def method_names() -> list[str]:
+    from .methods import method_names as names  # imports torch and transformers: only once needed
+
+    return names()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        specs = validate(cfg, method_names())
+        specs = validate(cfg, method_names)
     except ConfigError as e:
         print(f"freeact: invalid config: {e}", file=sys.stderr)
         sys.exit(2)
 
     from .experiment import run_experiment
+    from .methods import get_method
     from .tracking.results import append_row, find_row, flatten
 
     if not get_method(cfg.method.name, {}).quantizes:  # record what really ran: nothing quantized

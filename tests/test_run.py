@@ -71,6 +71,19 @@ def test_cli_bad_config_one_line_nonzero_no_row(tmp_path):
     assert not (tmp_path / "r.csv").exists()
 
 
+@pytest.mark.parametrize("override", ["quant.act.bits=1", "calib.nsamples=0", "quant.weight.granularity=blocks"])
+def test_cli_rejects_a_bad_value_before_loading_torch(tmp_path, override):
+    """Fast failure: the config checks run before torch / transformers / lm-eval are imported."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "freeact.run", override,
+                          f"results_file={tmp_path}/r.csv"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and f"freeact: invalid config: {override.split('=')[0]}" in res.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert "freeact.config" in imported  # the import log is real: the check above can fail
+    assert not imported & {"torch", "transformers", "lm_eval", "datasets"}
+
+
 def test_cli_rows_deterministic_and_resumable(tmp_path):
     out = f"results_file={tmp_path}/r.csv"
     res = cli(["-m", "method=fp16,rtn", *FAST, out], tmp_path)

