@@ -80,6 +80,14 @@ class EvalConfig:
     steps: int = 256  # dLLM denoising steps
     block_length: Optional[int] = 32  # dLLM semi-autoregressive block (None = gen_length)
     remasking: str = "auto"  # auto | low_confidence | entropy | random
+    # generation (issue 14): dLLM sampler (freeact/eval/sampling.py)
+    schedule: str = "auto"  # auto (dream for Dream-style models, else llada) | llada | dream
+    alg: str = "entropy"  # schedule=dream: origin | maskgit_plus | topk_margin | entropy
+    alg_temp: Optional[float] = None  # schedule=dream: sample committed positions from softmax(conf/alg_temp)
+    top_p: Optional[float] = None  # nucleus filtering of the token distribution (None = off)
+    top_k: Optional[int] = None  # top-k filtering (None = off)
+    temperature: Optional[float] = None  # None = the task's gen_kwargs (greedy unless do_sample)
+    cfg: float = 0.0  # classifier-free guidance scale (0 = off): un + (cfg+1)(cond - un)
     include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
 
 

@@ -19,8 +19,10 @@
 * ``generate_until(context, gen_kwargs)``: diffusion sampling (:mod:`freeact.eval.sampling`),
   then cut at the first EOS token and at the first of the ``until`` strings. ``gen_length``,
   ``steps`` and ``block_length`` come from this object (dLLMs generate a fixed length), not from
-  the task's ``max_gen_toks``; ``temperature`` comes from the task's ``gen_kwargs`` when
-  ``do_sample`` is true, else decoding is greedy.
+  the task's ``max_gen_toks``; ``temperature`` comes from this object when set, else from the
+  task's ``gen_kwargs`` when ``do_sample`` is true, else decoding is greedy. ``schedule``
+  (``auto``: Dream's for Dream-style models, LLaDA's otherwise), ``alg``, ``alg_temp``, ``top_p``,
+  ``top_k`` and ``cfg`` (classifier-free guidance) are passed to the sampler.
 
 Tokenisation follows lm-eval's HFLM: trailing spaces of the context move into the continuation,
 the pair is encoded as one string and split where the context's tokens end. A prefix token
@@ -38,7 +40,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .elbo import sequences_nll
-from .sampling import check_schedule, diffusion_generate, resolve_remasking
+from .sampling import check_sampling, check_schedule, diffusion_generate, resolve_remasking, resolve_schedule
 
 
 def request_seed(seed: int, *token_lists) -> int:
@@ -57,7 +59,9 @@ class DiffusionLM(LM):
                  gen_length: int = 256, steps: int = 256, block_length: int | None = 32, remasking: str = "auto",
                  seed: int = 1234, max_length: int | None = None, add_bos_token: bool = True,
                  check_greedy: bool = True, device: str | None = None, progress: bool = True,
-                 family: str | None = None, dtype: str = "auto", **_ignored):
+                 family: str | None = None, dtype: str = "auto", schedule: str = "auto", alg: str = "entropy",
+                 alg_temp: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 cfg: float = 0.0, temperature: float | None = None, **_ignored):
         super().__init__()
         if isinstance(model, str):  # --model freeact_dllm --model_args pretrained=...,family=llada
             from ..models.loading import load_pretrained, load_tokenizer, resolve_dtype
@@ -80,6 +84,11 @@ class DiffusionLM(LM):
             raise ValueError(f"mc_num={mc_num} and batch_size={batch_size} must be >= 1")
         self.block_length, _ = check_schedule(gen_length, steps, block_length)
         self.remasking = resolve_remasking(remasking, adapter)
+        check_sampling(alg, alg_temp, top_p, top_k, float(cfg), temperature)
+        self.schedule = resolve_schedule(schedule, adapter)
+        self.gen_options = {"schedule": self.schedule, "alg": alg, "alg_temp": alg_temp, "top_p": top_p,
+                            "top_k": top_k, "cfg": float(cfg)}
+        self.temperature = temperature
         self.model, self.adapter, self.tokenizer = model, adapter, tokenizer
         self.mc_num, self.batch_size_per_step = int(mc_num), int(batch_size)
         self.gen_length, self.steps = int(gen_length), int(steps)
@@ -204,7 +213,10 @@ class DiffusionLM(LM):
             kw = dict(kw or {})
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            temperature = float(kw.get("temperature", 0.0) or 0.0) if kw.get("do_sample") else 0.0
+            if self.temperature is not None:
+                temperature = float(self.temperature)
+            else:
+                temperature = float(kw.get("temperature", 0.0) or 0.0) if kw.get("do_sample") else 0.0
             prompts.append((self._prefix() + self.tok_encode(context))[-room:] or [self.prefix_token_id])
             settings.append((until, temperature))
         # batch requests of equal temperature, longest prompts first (less padding)
@@ -221,7 +233,7 @@ class DiffusionLM(LM):
         for idx in tqdm(batches, desc="diffusion-generate", disable=not self.progress or disable_tqdm, leave=False):
             gen = diffusion_generate(self.model, self.adapter, [prompts[i] for i in idx], self.gen_length,
                                      self.steps, self.block_length, self.remasking, settings[idx[0]][1], g,
-                                     device=str(self._device))
+                                     device=str(self._device), **self.gen_options)
             for row, i in enumerate(idx):
                 out[i] = self._decode(gen[row], settings[i][0])
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])

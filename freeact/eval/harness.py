@@ -123,13 +123,14 @@ def offline_defaults():
 
 def make_lm(model, adapter, tokenizer, *, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
             steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
-            progress: bool = True):
+            progress: bool = True, gen_options: dict | None = None):
     """The lm-eval ``LM`` for ``model``: HFLM for AR models, ``freeact_dllm`` for dLLMs."""
     if adapter.objective == "mdm":
         from .diffusion_lm import DiffusionLM
 
         return DiffusionLM(model, adapter, tokenizer, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length,
-                           steps=steps, block_length=block_length, remasking=remasking, seed=seed, progress=progress)
+                           steps=steps, block_length=block_length, remasking=remasking, seed=seed, progress=progress,
+                           **(gen_options or {}))
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str" warning
@@ -165,13 +166,14 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
                 num_fewshot: int | None = None, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
                 steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
                 include_path: str | os.PathLike | None = None, bootstrap_iters: int = 1000,
-                progress: bool = True, return_raw: bool = False) -> dict:
+                progress: bool = True, return_raw: bool = False, gen_options: dict | None = None) -> dict:
     """Evaluate ``model`` on lm-eval ``tasks``; returns flat metrics (see the module docstring).
 
     ``gen_length`` is the generation budget of both kinds of model: the dLLM's fixed answer
     length, and ``max_gen_toks`` for AR models (overriding the task's). ``include_path`` adds
     a directory of further task YAMLs. All of Python's, NumPy's and torch's seeds (and the
-    few-shot sampler's) are set from ``seed``."""
+    few-shot sampler's) are set from ``seed``. ``gen_options``: further dLLM sampler keywords
+    (schedule, alg, alg_temp, top_p, top_k, cfg, temperature; see :class:`DiffusionLM`)."""
     tasks = list(tasks)
     if not tasks:
         raise ValueError("run_harness: no tasks given")
@@ -179,11 +181,13 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
         return _run_harness(model, adapter, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
                             batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
                             block_length=block_length, remasking=remasking, seed=seed, include_path=include_path,
-                            bootstrap_iters=bootstrap_iters, progress=progress, return_raw=return_raw)
+                            bootstrap_iters=bootstrap_iters, progress=progress, return_raw=return_raw,
+                            gen_options=gen_options)
 
 
 def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_size, mc_num, gen_length, steps,
-                 block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw) -> dict:
+                 block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw,
+                 gen_options=None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -193,7 +197,8 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
     if include_path:
         local |= set(local_task_names(Path(include_path)))
     lm = make_lm(model, adapter, tokenizer, batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
-                 block_length=block_length, remasking=remasking, seed=seed, progress=progress)
+                 block_length=block_length, remasking=remasking, seed=seed, progress=progress,
+                 gen_options=gen_options if adapter.objective == "mdm" else None)
     was_training = model.training
     model.eval()
     try:
@@ -222,7 +227,7 @@ def _opt(ecfg, key: str, default=None):
 def check_task_settings(ecfg) -> None:
     """Raise ValueError on task settings of an ``eval`` config that cannot run (checked before
     any compute by :func:`freeact.config.validate`)."""
-    from .sampling import REMASKING, check_schedule
+    from .sampling import REMASKING, SCHEDULES, check_sampling, check_schedule
 
     tasks = list(_opt(ecfg, "tasks") or [])
     if not all(isinstance(t, str) and t for t in tasks):
@@ -237,9 +242,20 @@ def check_task_settings(ecfg) -> None:
     if _opt(ecfg, "remasking", "auto") not in REMASKING:
         raise ValueError(f"remasking={ecfg.remasking!r} must be one of {REMASKING}")
     check_schedule(_opt(ecfg, "gen_length", 256), _opt(ecfg, "steps", 256), _opt(ecfg, "block_length", 32))
+    if _opt(ecfg, "schedule", "auto") not in SCHEDULES:
+        raise ValueError(f"schedule={ecfg.schedule!r} must be one of {SCHEDULES}")
+    g = gen_options(ecfg)
+    check_sampling(g["alg"], g["alg_temp"], g["top_p"], g["top_k"], g["cfg"], g["temperature"])
     inc = _opt(ecfg, "include_path")
     if inc and not Path(inc).expanduser().is_dir():
         raise ValueError(f"include_path={inc} is not a directory")
+
+
+def gen_options(ecfg) -> dict:
+    """The dLLM sampler keys of an ``eval`` config (issue 14), with their defaults."""
+    return {"schedule": _opt(ecfg, "schedule", "auto"), "alg": _opt(ecfg, "alg", "entropy"),
+            "alg_temp": _opt(ecfg, "alg_temp"), "top_p": _opt(ecfg, "top_p"), "top_k": _opt(ecfg, "top_k"),
+            "cfg": float(_opt(ecfg, "cfg", 0.0) or 0.0), "temperature": _opt(ecfg, "temperature")}
 
 
 def run_harness_config(model, adapter, tokenizer, ecfg, progress: bool = True) -> dict:
@@ -249,4 +265,5 @@ def run_harness_config(model, adapter, tokenizer, ecfg, progress: bool = True) -
                        num_fewshot=_opt(ecfg, "num_fewshot"), batch_size=ecfg.batch_size, mc_num=ecfg.mc_num,
                        gen_length=_opt(ecfg, "gen_length", 256), steps=_opt(ecfg, "steps", 256),
                        block_length=_opt(ecfg, "block_length", 32), remasking=_opt(ecfg, "remasking", "auto"),
-                       seed=ecfg.seed, include_path=_opt(ecfg, "include_path"), progress=progress)
+                       seed=ecfg.seed, include_path=_opt(ecfg, "include_path"), progress=progress,
+                       gen_options=gen_options(ecfg))
