@@ -45,6 +45,9 @@ class ModelConfig:
     dtype: str = "auto"
     arch: Any = field(default_factory=dict)  # architecture dims for source=tiny
     quantize_vision: bool = False  # vlm: also RTN-quantize the vision tower and projector
+    # issue 14: run the checkpoint's own code (tokenizer/model classes named in its auto_map), e.g.
+    # Dream's tokenizer on the hub; off by default, named in the error when a checkpoint needs it
+    trust_remote_code: bool = False
 
 
 @dataclass

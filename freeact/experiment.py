@@ -33,8 +33,10 @@ def load_model(mcfg, device: str, seed: int = 0):
         tok = load_tokenizer(mcfg.tokenizer or default_tokenizer_dir(mcfg.family))
         model = build_tiny(mcfg.family, OmegaConf.to_container(mcfg.arch), tok, seed=seed).to(dtype)
     else:
-        tok = load_tokenizer(mcfg.tokenizer or mcfg.path, gguf_file=None if mcfg.tokenizer else mcfg.gguf_file)
-        model = load_pretrained(mcfg.family, mcfg.path, dtype, gguf_file=mcfg.gguf_file)
+        remote = bool(mcfg.get("trust_remote_code", False))
+        tok = load_tokenizer(mcfg.tokenizer or mcfg.path, gguf_file=None if mcfg.tokenizer else mcfg.gguf_file,
+                             trust_remote_code=remote)
+        model = load_pretrained(mcfg.family, mcfg.path, dtype, gguf_file=mcfg.gguf_file, trust_remote_code=remote)
     return model.to(device).eval(), tok
 
 

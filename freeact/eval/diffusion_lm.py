@@ -61,7 +61,8 @@ class DiffusionLM(LM):
                  check_greedy: bool = True, device: str | None = None, progress: bool = True,
                  family: str | None = None, dtype: str = "auto", schedule: str = "auto", alg: str = "entropy",
                  alg_temp: float | None = None, top_p: float | None = None, top_k: int | None = None,
-                 cfg: float = 0.0, temperature: float | None = None, **_ignored):
+                 cfg: float = 0.0, temperature: float | None = None, trust_remote_code: bool = False,
+                 **_ignored):
         super().__init__()
         if isinstance(model, str):  # --model freeact_dllm --model_args pretrained=...,family=llada
             from ..models.loading import load_pretrained, load_tokenizer, resolve_dtype
@@ -70,8 +71,9 @@ class DiffusionLM(LM):
                 raise ValueError("freeact_dllm with a checkpoint path needs family=llada or family=dream")
             dev = device or "cpu"
             if tokenizer is None or isinstance(tokenizer, str):
-                tokenizer = load_tokenizer(tokenizer or model)
-            model = load_pretrained(family, model, resolve_dtype(dtype, dev)).to(dev).eval()
+                tokenizer = load_tokenizer(tokenizer or model, trust_remote_code=_as_bool(trust_remote_code))
+            model = load_pretrained(family, model, resolve_dtype(dtype, dev),
+                                    trust_remote_code=_as_bool(trust_remote_code)).to(dev).eval()
         if adapter is None:
             from ..models import get_adapter
 
@@ -238,3 +240,8 @@ class DiffusionLM(LM):
                 out[i] = self._decode(gen[row], settings[i][0])
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
+
+
+def _as_bool(v) -> bool:
+    """``trust_remote_code=True`` from lm-eval's ``--model_args`` arrives as a string."""
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes")

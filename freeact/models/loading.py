@@ -66,7 +66,33 @@ LLADA_CONFIG_FIELDS = {
     "n_layers": "num_hidden_layers", "mlp_hidden_size": "intermediate_size", "rope_theta": "rope_theta",
     "rms_norm_eps": "rms_norm_eps", "max_sequence_length": "max_position_embeddings",
     "mask_token_id": "mask_token_id", "weight_tying": "tie_word_embeddings",
+    "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id", "bos_token_id": "bos_token_id",
 }
+# Every field the official LLaDA config class (``configuration_llada.py`` of the LLaDA-8B hub repos,
+# an OLMo-style ``ModelConfig``) reads, with the values of the released LLaDA-8B ``config.json``
+# that do not depend on the model's size. ``block_type: llama`` with ``rope``, ``rms`` norms and
+# ``silu`` (SwiGLU through ``ff_proj``/``up_proj``) is the layer the project's LLaMA-layout model is.
+LLADA_OFFICIAL_FIXED = {
+    "activation_type": "silu", "block_type": "llama", "block_group_size": 1, "alibi": False,
+    "alibi_bias_max": 8.0, "rope": True, "rope_full_precision": True, "flash_attention": False,
+    "attention_dropout": 0.0, "multi_query_attention": None, "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "include_bias": False, "include_qkv_bias": False, "bias_for_layer_norm": False, "scale_logits": False,
+    "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02, "init_cutoff_factor": None,
+    "precision": "amp_bf16", "use_cache": False,
+}
+# auto_map of the released checkpoints: the official code files are named like this in the hub repo
+LLADA_AUTO_MAP = {"AutoConfig": "configuration_llada.LLaDAConfig", "AutoModel": "modeling_llada.LLaDAModelLM",
+                  "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"}
+DREAM_AUTO_MAP = {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}
+# fields the official Dream config class (``configuration_dream.py``, Qwen2-style) reads
+DREAM_OFFICIAL_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "use_cache", "tie_word_embeddings", "rope_theta", "rope_scaling", "use_sliding_window", "sliding_window",
+    "max_window_layers", "attention_dropout", "mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id",
+)
 
 FAMILIES = ("causal", "llada", "dream", "vlm")
 # config fields of a VLM that name special tokens, filled from the tokenizer's named tokens
@@ -103,13 +129,33 @@ def llada_config_from_json(raw: dict) -> LLaDAConfig:
     kw["vocab_size"] = raw.get("embedding_size") or raw["vocab_size"]
     kw.setdefault("num_key_value_heads", kw.get("num_attention_heads"))
     kw["attention_bias"] = bool(raw.get("include_bias", False))
+    # the official config has no bos_token_id: keep it unset rather than LLaMA's default (1)
+    kw.setdefault("bos_token_id", None)
     return LLaDAConfig(**kw)
 
 
-def load_tokenizer(path: str | os.PathLike | None, gguf_file: str | None = None):
+REMOTE_CODE_HINT = "set model.trust_remote_code=true to run it (it executes code shipped with the checkpoint)"
+
+
+def _needs_remote_code(err: Exception) -> bool:
+    return "trust_remote_code" in str(err)
+
+
+def remote_code_error(path: str, what: str) -> ValueError:
+    return ValueError(f"{path}: the {what} needs the checkpoint's own code; {REMOTE_CODE_HINT}")
+
+
+def load_tokenizer(path: str | os.PathLike | None, gguf_file: str | None = None, trust_remote_code: bool = False):
     path = resolve_path(path) or str(TOKENIZER_DIR)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except ValueError as e:
+        if not trust_remote_code and _needs_remote_code(e):
+            raise remote_code_error(path, "tokenizer") from None
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -160,8 +206,19 @@ def build_tiny(family: str, arch: dict, tokenizer, seed: int = 0):
     return cls(cfg) if cls else AutoModelForCausalLM.from_config(cfg)
 
 
-def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None = None):
+def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None = None,
+                    trust_remote_code: bool = False):
     path = resolve_path(path)
+    try:
+        return _load_pretrained(family, path, dtype, gguf_file, trust_remote_code)
+    except ValueError as e:
+        if not trust_remote_code and _needs_remote_code(e):
+            raise remote_code_error(path, "model") from None
+        raise
+
+
+def _load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None, trust_remote_code: bool):
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
     from .composed import is_composed, load_composed
 
     if is_composed(path):  # ships only its trained tensors; the rest comes from a base model
@@ -169,7 +226,7 @@ def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str |
     if family == "vlm":
         from transformers import AutoModelForImageTextToText
 
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **remote)
     if family == "llada":
         cfg = llada_config_from_json(_read_config_json(path))
         return LLaDAModelLM.from_pretrained(path, config=cfg, key_mapping=LLADA_TO_HF, dtype=dtype)
@@ -178,7 +235,7 @@ def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str |
         raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
         return DreamModelLM.from_pretrained(path, config=DreamConfig(**raw), dtype=dtype)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw, **remote)
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF: weights are dequantized already
         model.hf_quantizer = None
         model.config.quantization_config = None
@@ -199,6 +256,39 @@ def shard_groups(tensors: dict, max_shard_mb: float) -> list[dict]:
     return shards
 
 
+def _rope_theta(c) -> float:
+    rope = getattr(c, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+
+
+def llada_official_config(c) -> dict:
+    """The ``config.json`` of a LLaDA checkpoint for the project's model config ``c``: every field the
+    official LLaDA code reads, so that ``trust_remote_code`` loading builds the same layers."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        raise ValueError(f"LLaDA needs head_dim * n_heads == d_model, got {head_dim} * {c.num_attention_heads}"
+                         f" != {c.hidden_size}")
+    if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
+        raise ValueError("LLaDA's official layout has no linear biases; this model has attention_bias/mlp_bias")
+    rope = getattr(c, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":  # (transformers 5: rope_scaling is this same dict)
+        raise ValueError(f"LLaDA's official code has plain RoPE only, got {rope}")
+    cfg = dict(LLADA_OFFICIAL_FIXED)
+    cfg.update(
+        d_model=c.hidden_size, n_heads=c.num_attention_heads,
+        n_kv_heads=c.num_key_value_heads or c.num_attention_heads, n_layers=c.num_hidden_layers,
+        mlp_hidden_size=c.intermediate_size, mlp_ratio=max(1, c.intermediate_size // c.hidden_size),
+        rms_norm_eps=c.rms_norm_eps, max_sequence_length=c.max_position_embeddings, rope_theta=_rope_theta(c),
+        vocab_size=c.vocab_size, embedding_size=c.vocab_size, weight_tying=bool(c.tie_word_embeddings),
+        mask_token_id=c.mask_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id if c.pad_token_id is not None else c.eos_token_id,
+        model_type="llada", architectures=["LLaDAModelLM"], auto_map=dict(LLADA_AUTO_MAP),
+    )
+    if c.bos_token_id is not None:  # not read by the official code; kept for the project's loader
+        cfg["bos_token_id"] = c.bos_token_id
+    return cfg
+
+
 def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike, max_shard_mb: float | None = None) -> None:
     """Write ``model`` as a LLaDA checkpoint (LLaDA's key names and config fields). With
     ``max_shard_mb``, weights go to ``model-0000i-of-0000n.safetensors`` files of at most that
@@ -207,17 +297,10 @@ def save_llada_checkpoint(model: LLaDAModelLM, path: str | os.PathLike, max_shar
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    c = model.config
-    raw = {hf_field: k for k, hf_field in LLADA_CONFIG_FIELDS.items()}
-    cfg = {llada: getattr(c, hf) for hf, llada in raw.items() if hasattr(c, hf)}
-    rope = getattr(c, "rope_parameters", None) or {}
-    if "rope_theta" not in cfg and "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
-    cfg.update(model_type="llada", architectures=["LLaDAModelLM"], vocab_size=c.vocab_size,
-               embedding_size=c.vocab_size, include_bias=False)
+    cfg = llada_official_config(model.config)
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if c.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     sd = _rename(sd, HF_TO_LLADA)
     if max_shard_mb is None:
@@ -239,5 +322,16 @@ def save_dream_checkpoint(model: DreamModelLM, path: str | os.PathLike) -> None:
     path = Path(path)
     model.save_pretrained(path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg.update(model_type="Dream", architectures=["DreamModel"])
+    c = model.config
+    cfg.update(model_type="Dream", architectures=["DreamModel"], auto_map=dict(DREAM_AUTO_MAP),
+               rope_theta=_rope_theta(c), rope_scaling=None, use_cache=False,
+               use_sliding_window=bool(getattr(c, "use_sliding_window", False)),
+               sliding_window=getattr(c, "sliding_window", None) or 4096,
+               max_window_layers=getattr(c, "max_window_layers", None) or c.num_hidden_layers,
+               attention_dropout=float(getattr(c, "attention_dropout", 0.0)))
+    for k in DREAM_OFFICIAL_FIELDS:
+        cfg.setdefault(k, getattr(c, k, None))
+    if cfg.get("pad_token_id") is None:
+        cfg["pad_token_id"] = c.eos_token_id
+    cfg.pop("rope_parameters", None)  # the official (transformers 4.x) code reads rope_theta/rope_scaling
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
