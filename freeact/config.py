@@ -81,6 +81,9 @@ class EvalConfig:
     block_length: Optional[int] = 32  # dLLM semi-autoregressive block (None = gen_length)
     remasking: str = "auto"  # auto | low_confidence | entropy | random
     include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
+    # likelihood (issue 14)
+    cfg: float = 0.0  # dLLM classifier-free guidance scale, LLaDA's convention (0 = none)
+    likelihood: str = "auto"  # dLLM likelihood estimator: auto (the family's own) | llada | dream
 
 
 @dataclass

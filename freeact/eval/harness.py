@@ -123,13 +123,14 @@ def offline_defaults():
 
 def make_lm(model, adapter, tokenizer, *, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
             steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
-            progress: bool = True):
+            progress: bool = True, cfg: float = 0.0, likelihood: str = "auto"):
     """The lm-eval ``LM`` for ``model``: HFLM for AR models, ``freeact_dllm`` for dLLMs."""
     if adapter.objective == "mdm":
         from .diffusion_lm import DiffusionLM
 
         return DiffusionLM(model, adapter, tokenizer, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length,
-                           steps=steps, block_length=block_length, remasking=remasking, seed=seed, progress=progress)
+                           steps=steps, block_length=block_length, remasking=remasking, seed=seed, progress=progress,
+                           cfg=cfg, likelihood=likelihood)
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str" warning
@@ -165,7 +166,8 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
                 num_fewshot: int | None = None, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
                 steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
                 include_path: str | os.PathLike | None = None, bootstrap_iters: int = 1000,
-                progress: bool = True, return_raw: bool = False) -> dict:
+                progress: bool = True, return_raw: bool = False, cfg: float = 0.0,
+                likelihood: str = "auto") -> dict:
     """Evaluate ``model`` on lm-eval ``tasks``; returns flat metrics (see the module docstring).
 
     ``gen_length`` is the generation budget of both kinds of model: the dLLM's fixed answer
@@ -179,11 +181,13 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
         return _run_harness(model, adapter, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
                             batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
                             block_length=block_length, remasking=remasking, seed=seed, include_path=include_path,
-                            bootstrap_iters=bootstrap_iters, progress=progress, return_raw=return_raw)
+                            bootstrap_iters=bootstrap_iters, progress=progress, return_raw=return_raw,
+                            cfg=cfg, likelihood=likelihood)
 
 
 def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_size, mc_num, gen_length, steps,
-                 block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw) -> dict:
+                 block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw,
+                 cfg=0.0, likelihood="auto") -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -193,7 +197,8 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
     if include_path:
         local |= set(local_task_names(Path(include_path)))
     lm = make_lm(model, adapter, tokenizer, batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
-                 block_length=block_length, remasking=remasking, seed=seed, progress=progress)
+                 block_length=block_length, remasking=remasking, seed=seed, progress=progress, cfg=cfg,
+                 likelihood=likelihood)
     was_training = model.training
     model.eval()
     try:
@@ -237,6 +242,10 @@ def check_task_settings(ecfg) -> None:
     if _opt(ecfg, "remasking", "auto") not in REMASKING:
         raise ValueError(f"remasking={ecfg.remasking!r} must be one of {REMASKING}")
     check_schedule(_opt(ecfg, "gen_length", 256), _opt(ecfg, "steps", 256), _opt(ecfg, "block_length", 32))
+    if (_opt(ecfg, "cfg", 0.0) or 0.0) < 0:
+        raise ValueError(f"cfg={ecfg.cfg} must be >= 0")
+    if _opt(ecfg, "likelihood", "auto") not in ("auto", "llada", "dream"):
+        raise ValueError(f"likelihood={ecfg.likelihood!r} must be auto, llada or dream")
     inc = _opt(ecfg, "include_path")
     if inc and not Path(inc).expanduser().is_dir():
         raise ValueError(f"include_path={inc} is not a directory")
@@ -249,4 +258,5 @@ def run_harness_config(model, adapter, tokenizer, ecfg, progress: bool = True) -
                        num_fewshot=_opt(ecfg, "num_fewshot"), batch_size=ecfg.batch_size, mc_num=ecfg.mc_num,
                        gen_length=_opt(ecfg, "gen_length", 256), steps=_opt(ecfg, "steps", 256),
                        block_length=_opt(ecfg, "block_length", 32), remasking=_opt(ecfg, "remasking", "auto"),
-                       seed=ecfg.seed, include_path=_opt(ecfg, "include_path"), progress=progress)
+                       seed=ecfg.seed, include_path=_opt(ecfg, "include_path"), progress=progress,
+                       cfg=_opt(ecfg, "cfg", 0.0) or 0.0, likelihood=_opt(ecfg, "likelihood", "auto"))
