@@ -90,8 +90,10 @@ class EvalConfig:
     top_p: Optional[float] = None  # nucleus filtering of the token distribution (None = off)
     top_k: Optional[int] = None  # top-k filtering (None = off)
     temperature: Optional[float] = None  # None = the task's gen_kwargs (greedy unless do_sample)
-    cfg: float = 0.0  # classifier-free guidance scale (0 = off): un + (cfg+1)(cond - un)
+    cfg: float = 0.0  # classifier-free guidance, generation and likelihood (0 = off): un + (cfg+1)(cond - un)
     include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
+    # likelihood (issue 14)
+    likelihood: str = "auto"  # dLLM likelihood estimator: auto (the family's own) | llada | dream
 
 
 @dataclass

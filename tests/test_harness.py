@@ -103,7 +103,7 @@ def test_single_token_likelihood_is_exact(tokenizer):
     log p(token | context) for any seed (Dream: read from the previous position's logits)."""
     for name in ("tiny_llada", "tiny_dream"):
         model = conf_model(name, tokenizer, torch.float64)
-        lm = dllm(model, tokenizer, mc_num=3, seed=5)
+        lm = dllm(model, tokenizer, mc_num=3, seed=5, likelihood="llada")  # Dream defaults to its own
         ctx, cont = lm.encode_pair("The cat sat in the", " house")
         assert len(cont) == 1
         ids = torch.tensor([ctx + cont])

@@ -24,6 +24,15 @@
   (``auto``: Dream's for Dream-style models, LLaDA's otherwise), ``alg``, ``alg_temp``, ``top_p``,
   ``top_k`` and ``cfg`` (classifier-free guidance) are passed to the sampler.
 
+Options (issue 14): ``likelihood`` picks the estimator, ``llada`` (above) or ``dream`` (Dream's own
+evaluation: EOS appended to the continuation, visible and never masked; each draw masks every
+continuation token independently with probability ``p = eps + (1 - eps) t``, ``t`` stratified over
+the draws, ``eps = 1e-3``; cross-entropy on masked tokens divided by ``p``); ``auto`` = the
+family's own (dream for Dream, llada for LLaDA). ``cfg`` > 0 adds classifier-free guidance to
+the likelihood: each draw is also scored with the whole context masked (same masked answer
+positions) and the logits combined ``un + (cfg + 1)(cond - un)``; 0 = none. Rolling likelihoods
+use the chosen estimator without the appended EOS.
+
 Tokenisation follows lm-eval's HFLM: trailing spaces of the context move into the continuation,
 the pair is encoded as one string and split where the context's tokens end. A prefix token
 (BOS, else EOS) starts every sequence, so the first scored token always has a left neighbour
@@ -39,7 +48,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from .elbo import sequences_nll
+from .elbo import ESTIMATORS, sequences_nll
 from .sampling import check_sampling, check_schedule, diffusion_generate, resolve_remasking, resolve_schedule
 
 
@@ -49,6 +58,16 @@ def request_seed(seed: int, *token_lists) -> int:
     for t in token_lists:
         h.update(b"|" + ",".join(map(str, t)).encode())
     return int.from_bytes(h.digest()[:8], "little") & (2**63 - 1)
+
+
+def resolve_likelihood(likelihood: str | None, adapter) -> str:
+    """``auto`` (or None): the family's own estimator, ``dream`` for shifted-logits models (Dream),
+    else ``llada``."""
+    if likelihood in (None, "auto"):
+        return "dream" if adapter.shift_logits else "llada"
+    if likelihood not in ESTIMATORS:
+        raise ValueError(f"likelihood={likelihood!r} must be auto or one of {ESTIMATORS}")
+    return likelihood
 
 
 @register_model("freeact_dllm")
@@ -62,6 +81,7 @@ class DiffusionLM(LM):
                  family: str | None = None, dtype: str = "auto", schedule: str = "auto", alg: str = "entropy",
                  alg_temp: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  cfg: float = 0.0, temperature: float | None = None, trust_remote_code: bool = False,
+                 likelihood: str = "auto",
                  **_ignored):
         super().__init__()
         if isinstance(model, str):  # --model freeact_dllm --model_args pretrained=...,family=llada
@@ -85,6 +105,12 @@ class DiffusionLM(LM):
         if mc_num < 1 or batch_size < 1:
             raise ValueError(f"mc_num={mc_num} and batch_size={batch_size} must be >= 1")
         self.block_length, _ = check_schedule(gen_length, steps, block_length)
+        self.cfg = float(cfg or 0.0)
+        if self.cfg < 0:
+            raise ValueError(f"cfg={cfg} must be >= 0")
+        self.likelihood = resolve_likelihood(likelihood, adapter)
+        if self.likelihood == "dream" and tokenizer.eos_token_id is None:
+            raise ValueError("likelihood=dream appends EOS to every answer, but the tokenizer has no EOS token")
         self.remasking = resolve_remasking(remasking, adapter)
         check_sampling(alg, alg_temp, top_p, top_k, float(cfg), temperature)
         self.schedule = resolve_schedule(schedule, adapter)
@@ -136,35 +162,45 @@ class DiffusionLM(LM):
             ctx = [self.prefix_token_id]
         return ctx, cont
 
-    def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
-        """Left-truncate to the model's context length (the continuation is kept whole if it fits)."""
+    def _fit(self, ctx: list[int], cont: list[int], room: int | None = None) -> tuple[list[int], list[int]]:
+        """Left-truncate to ``room`` tokens (default the model's context length; the continuation
+        is kept whole if it fits)."""
+        room = room or self.max_length
         if not cont:
             raise ValueError("loglikelihood: the continuation encodes to no tokens")
-        if len(cont) >= self.max_length:
-            cont = cont[-(self.max_length - 1):]
-        keep = self.max_length - len(cont)
+        if len(cont) >= room:
+            cont = cont[-(room - 1):]
+        keep = room - len(cont)
         return ctx[-keep:], cont
 
     # -- scoring ----------------------------------------------------------------------------
-    def score_pairs(self, pairs: list[tuple[list[int], list[int]]], check_greedy: bool) -> list[tuple[float, bool]]:
+    def score_pairs(self, pairs: list[tuple[list[int], list[int]]], check_greedy: bool,
+                    append_eos: bool = True) -> list[tuple[float, bool]]:
         """Log-likelihood bound (minus the MC ELBO) and greedy flag for (context ids, target ids).
         Requests are scored in chunks of about ``64 * batch_size`` rows (bounded memory), sorted by
-        length so that rows sharing a forward need little padding."""
-        fitted = [self._fit(ctx, cont) for ctx, cont in pairs]
+        length so that rows sharing a forward need little padding.
+
+        With Dream's estimator (``likelihood="dream"``) and ``append_eos``, EOS follows the target
+        as Dream's own evaluation does: visible, never masked, never scored."""
+        eos = [self.tokenizer.eos_token_id] if self.likelihood == "dream" and append_eos else []
+        fitted = [self._fit(ctx, cont, self.max_length - len(eos)) for ctx, cont in pairs]
         order = sorted(range(len(fitted)), key=lambda i: -(len(fitted[i][0]) + len(fitted[i][1])))
         per_chunk = max(1, 64 * self.batch_size_per_step // (self.mc_num + int(check_greedy)))
         out: list = [None] * len(fitted)
         chunks = [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
         for idx in tqdm(chunks, desc="mc-likelihood", disable=not self.progress or len(chunks) < 2, leave=False):
-            seqs, targets, gens = [], [], []
+            seqs, targets, prompts, gens = [], [], [], []
             for i in idx:
                 ctx, cont = fitted[i]
-                seqs.append(torch.tensor(ctx + cont, dtype=torch.long))
-                targets.append(torch.arange(len(ctx) + len(cont)) >= len(ctx))
+                seqs.append(torch.tensor(ctx + cont + eos, dtype=torch.long))
+                pos = torch.arange(len(ctx) + len(cont) + len(eos))
+                targets.append((pos >= len(ctx)) & (pos < len(ctx) + len(cont)))
+                prompts.append(pos < len(ctx))
                 gens.append(torch.Generator().manual_seed(request_seed(self.seed, ctx, cont)))
             nll, greedy = sequences_nll(self.model, self.adapter, seqs, targets, self.mc_num, gens,
                                         batch_size=self.batch_size_per_step, device=str(self._device),
-                                        check_greedy=check_greedy, progress=self.progress and len(chunks) < 2)
+                                        check_greedy=check_greedy, progress=self.progress and len(chunks) < 2,
+                                        estimator=self.likelihood, cfg=self.cfg, prompts=prompts)
             for j, i in enumerate(idx):
                 out[i] = (-nll[j], bool(greedy[j]) if greedy else False)
         return out
@@ -184,7 +220,7 @@ class DiffusionLM(LM):
                     self.tok_encode(text), self.prefix_token_id, self.max_length - 1, 1)):
                 windows.append((ctx, pred))
                 owner.append(i)
-        scores = self.score_pairs(windows, check_greedy=False) if windows else []
+        scores = self.score_pairs(windows, check_greedy=False, append_eos=False) if windows else []
         out = [0.0] * len(requests)
         for i, (ll, _) in zip(owner, scores):
             out[i] += ll

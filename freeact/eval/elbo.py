@@ -1,4 +1,5 @@
-"""Monte-Carlo ELBO of a masked-diffusion LM (LLaDA's likelihood estimator), batched over draws.
+"""Monte-Carlo ELBO of a masked-diffusion LM (LLaDA's likelihood estimator, or Dream's with
+``estimator="dream"``, optionally with classifier-free guidance), batched over draws.
 
 For a sequence ``x`` of length ``L`` whose positions ``target`` are scored, one draw picks a
 number of masked target tokens ``k``, masks ``k`` random target positions, and scores
@@ -41,6 +42,30 @@ def stratified_masks(target: torch.Tensor, draws: int, generator: torch.Generato
     return masks, k.float() / L
 
 
+def bernoulli_masks(target: torch.Tensor, draws: int, generator: torch.Generator, eps: float = 1e-3,
+                    t: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dream's masking: each draw picks a time ``t`` (stratified over the draws: ``(u + i/draws) mod 1``
+    for one uniform ``u``, unless ``t`` is given) and masks every position of ``target``
+    independently with probability ``p = eps + (1 - eps) t``. A draw may mask nothing (it then
+    scores 0). Returns (draws, L) bool masks and p (draws,)."""
+    if int(target.sum()) == 0:
+        raise ValueError("bernoulli_masks: the target has no position to score")
+    if draws < 1:
+        raise ValueError(f"bernoulli_masks: draws={draws} must be >= 1")
+    if t is None:
+        u = torch.rand(1, generator=generator).item()
+        ts = (u + torch.arange(draws, dtype=torch.float64) / draws) % 1.0
+    else:
+        ts = torch.full((draws,), float(t), dtype=torch.float64)
+    p = eps + (1.0 - eps) * ts
+    coins = torch.rand(draws, target.numel(), generator=generator, dtype=torch.float64)
+    masks = (coins < p[:, None]) & target[None, :]
+    return masks, p
+
+
+ESTIMATORS = ("llada", "dream")
+
+
 def _pad_id(adapter) -> int:
     pad = getattr(adapter.config, "pad_token_id", None)
     return 0 if pad is None else int(pad)
@@ -78,9 +103,9 @@ def _masked_logits(model, adapter, xin: torch.Tensor, m: torch.Tensor, kw: dict,
 
 
 @torch.no_grad()
-def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 32,
-                     device: str = "cpu", progress: bool = False,
-                     restrict_logits: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, ...]], batch_size: int = 32,
+                     device: str = "cpu", progress: bool = False, restrict_logits: bool = True,
+                     cfg: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Score masked positions: for every row ``(ids (L,), mask (L,) bool)`` the positions in
     ``mask`` are replaced by the mask token and the model predicts them from the rest.
 
@@ -89,7 +114,14 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Te
     the input order, the cross-entropy (nats, float32, CPU) at each masked position and whether
     the argmax prediction there equals the true token. ``restrict_logits`` computes logits only
     where they are scored (see :func:`_masked_logits`; off = full logits, as reference code does).
+
+    ``cfg > 0`` (classifier-free guidance, LLaDA's convention): every row carries a third element,
+    the (L,) bool prompt positions; the row is scored a second time with those positions masked
+    too (same masked answer positions) and the logits combined ``un + (cfg + 1) (cond - un)``
+    before the cross-entropy. ``cfg = 0`` runs one forward per batch, exactly as before.
     """
+    if cfg < 0:
+        raise ValueError(f"cfg={cfg} must be >= 0")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     mask_id = adapter.mask_token_id
@@ -114,6 +146,13 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Te
         x, m = x.to(device), m.to(device)
         xin = torch.where(m, torch.full_like(x, mask_id), x)
         logits = _masked_logits(model, adapter, xin, m, kw, restrict_logits).float()
+        if cfg:  # classifier-free guidance: also score with the prompt masked, same answer masks
+            u = torch.zeros_like(m)
+            for r, i in enumerate(idx):
+                u[r, : lens[r]] = rows[i][2]
+            xun = torch.where(m | u.to(device), torch.full_like(x, mask_id), x)
+            un = _masked_logits(model, adapter, xun, m, kw, restrict_logits).float()
+            logits = un + (cfg + 1.0) * (logits - un)
         ce = F.cross_entropy(logits, x[m], reduction="none").cpu()
         hit = (logits.argmax(-1) == x[m]).cpu()
         counts = m.sum(1).tolist()
@@ -125,8 +164,9 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], mc_num: int,
                   generator: torch.Generator | Sequence[torch.Generator], batch_size: int = 32, device: str = "cpu",
-                  check_greedy: bool = False, progress: bool = False,
-                  restrict_logits: bool = True) -> tuple[list[float], list[bool] | None]:
+                  check_greedy: bool = False, progress: bool = False, restrict_logits: bool = True,
+                  estimator: str = "llada", cfg: float = 0.0, prompts: Sequence[torch.Tensor] | None = None,
+                  sampling_eps: float = 1e-3) -> tuple[list[float], list[bool] | None]:
     """Monte-Carlo ELBO estimates of ``-log p(ids[target] | ids[~target])`` for many sequences.
 
     ``generator`` is one generator consumed sequence by sequence, or one per sequence (then each
@@ -136,29 +176,49 @@ def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequenc
     ``check_greedy`` adds one row per sequence with the WHOLE target masked and reports whether
     the argmax prediction matches every target token in that single forward (lm-eval's
     ``is_greedy``; LLaDA's reference instead unmasks one token per forward, len(target) forwards).
+
+    ``estimator``: ``llada`` (stratified counts of masked target tokens, weight ``L_target / k``)
+    or ``dream`` (:func:`bernoulli_masks`: independent masks at a stratified time ``t``, weight
+    ``1 / p``, ``sampling_eps`` the smallest ``p``; draws that mask nothing score 0 and cost no
+    forward). ``cfg`` is classifier-free guidance (:func:`masked_token_nll`); the prompt masked
+    in the unconditional pass is ``prompts[i]`` (default: every position outside the target).
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} must be one of {ESTIMATORS}")
+    if prompts is None:
+        prompts = [~t for t in targets]
+    if len(prompts) != len(seqs):
+        raise ValueError(f"{len(seqs)} sequences but {len(prompts)} prompt masks")
     if len(seqs) != len(targets):
         raise ValueError(f"{len(seqs)} sequences but {len(targets)} targets")
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(seqs)
     if len(gens) != len(seqs):
         raise ValueError(f"{len(seqs)} sequences but {len(gens)} generators")
-    rows, probs = [], []
-    for ids, target, g in zip(seqs, targets, gens):
-        if ids.shape != target.shape or ids.dim() != 1:
-            raise ValueError(f"ids {tuple(ids.shape)} and target {tuple(target.shape)} must be equal 1-D shapes")
-        masks, p = stratified_masks(target, mc_num, g)
-        rows += [(ids, mk) for mk in masks]
-        probs.append(p)
+    rows, draws_of = [], []  # draws_of[j]: (row index or None for an empty mask, p) per draw
+    for ids, target, prompt, g in zip(seqs, targets, prompts, gens):
+        if ids.shape != target.shape or ids.dim() != 1 or prompt.shape != target.shape:
+            raise ValueError(f"ids {tuple(ids.shape)}, target {tuple(target.shape)} and prompt "
+                             f"{tuple(prompt.shape)} must be equal 1-D shapes")
+        if estimator == "llada":
+            masks, p = stratified_masks(target, mc_num, g)
+        else:
+            masks, p = bernoulli_masks(target, mc_num, g, sampling_eps)
+        mine = []
+        for mk, pj in zip(masks, p.tolist()):
+            if mk.any():
+                mine.append((len(rows), pj))
+                rows.append((ids, mk, prompt))
+            else:
+                mine.append((None, pj))
+        draws_of.append(mine)
+    n_draw_rows = len(rows)
     if check_greedy:
-        rows += [(ids, target) for ids, target in zip(seqs, targets)]
-    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress, restrict_logits)
-    nlls = []
-    for j, p in enumerate(probs):
-        draws = scored[j * mc_num : (j + 1) * mc_num]
-        nlls.append(sum(ce.sum().item() / pj for (ce, _), pj in zip(draws, p.tolist())) / mc_num)
+        rows += [(ids, target, prompt) for ids, target, prompt in zip(seqs, targets, prompts)]
+    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress, restrict_logits, cfg=cfg)
+    nlls = [sum(scored[r][0].sum().item() / pj for r, pj in mine if r is not None) / mc_num for mine in draws_of]
     greedy = None
     if check_greedy:
-        greedy = [bool(hit.all()) for _, hit in scored[len(seqs) * mc_num :]]
+        greedy = [bool(hit.all()) for _, hit in scored[n_draw_rows:]]
     return nlls, greedy
 
 

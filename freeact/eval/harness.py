@@ -123,14 +123,15 @@ def offline_defaults():
 
 def make_lm(model, adapter, tokenizer, *, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
             steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
-            progress: bool = True, gen_options: dict | None = None):
+            progress: bool = True, gen_options: dict | None = None,
+            likelihood: str = "auto"):
     """The lm-eval ``LM`` for ``model``: HFLM for AR models, ``freeact_dllm`` for dLLMs."""
     if adapter.objective == "mdm":
         from .diffusion_lm import DiffusionLM
 
         return DiffusionLM(model, adapter, tokenizer, mc_num=mc_num, batch_size=batch_size, gen_length=gen_length,
                            steps=steps, block_length=block_length, remasking=remasking, seed=seed, progress=progress,
-                           **(gen_options or {}))
+                           likelihood=likelihood, **(gen_options or {}))
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)  # "pretrained is not a str" warning
@@ -166,7 +167,8 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
                 num_fewshot: int | None = None, batch_size: int = 8, mc_num: int = 128, gen_length: int = 256,
                 steps: int = 256, block_length: int | None = 32, remasking: str = "auto", seed: int = 1234,
                 include_path: str | os.PathLike | None = None, bootstrap_iters: int = 1000,
-                progress: bool = True, return_raw: bool = False, gen_options: dict | None = None) -> dict:
+                progress: bool = True, return_raw: bool = False, gen_options: dict | None = None,
+                likelihood: str = "auto") -> dict:
     """Evaluate ``model`` on lm-eval ``tasks``; returns flat metrics (see the module docstring).
 
     ``gen_length`` is the generation budget of both kinds of model: the dLLM's fixed answer
@@ -182,12 +184,12 @@ def run_harness(model, adapter, tokenizer, tasks: Sequence[str], *, limit: int |
                             batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
                             block_length=block_length, remasking=remasking, seed=seed, include_path=include_path,
                             bootstrap_iters=bootstrap_iters, progress=progress, return_raw=return_raw,
-                            gen_options=gen_options)
+                            gen_options=gen_options, likelihood=likelihood)
 
 
 def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_size, mc_num, gen_length, steps,
                  block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw,
-                 gen_options=None) -> dict:
+                 gen_options=None, likelihood="auto") -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -198,7 +200,7 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
         local |= set(local_task_names(Path(include_path)))
     lm = make_lm(model, adapter, tokenizer, batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
                  block_length=block_length, remasking=remasking, seed=seed, progress=progress,
-                 gen_options=gen_options if adapter.objective == "mdm" else None)
+                 gen_options=gen_options if adapter.objective == "mdm" else None, likelihood=likelihood)
     was_training = model.training
     model.eval()
     try:
@@ -246,6 +248,8 @@ def check_task_settings(ecfg) -> None:
         raise ValueError(f"schedule={ecfg.schedule!r} must be one of {SCHEDULES}")
     g = gen_options(ecfg)
     check_sampling(g["alg"], g["alg_temp"], g["top_p"], g["top_k"], g["cfg"], g["temperature"])
+    if _opt(ecfg, "likelihood", "auto") not in ("auto", "llada", "dream"):
+        raise ValueError(f"likelihood={ecfg.likelihood!r} must be auto, llada or dream")
     inc = _opt(ecfg, "include_path")
     if inc and not Path(inc).expanduser().is_dir():
         raise ValueError(f"include_path={inc} is not a directory")
@@ -266,4 +270,4 @@ def run_harness_config(model, adapter, tokenizer, ecfg, progress: bool = True) -
                        gen_length=_opt(ecfg, "gen_length", 256), steps=_opt(ecfg, "steps", 256),
                        block_length=_opt(ecfg, "block_length", 32), remasking=_opt(ecfg, "remasking", "auto"),
                        seed=ecfg.seed, include_path=_opt(ecfg, "include_path"), progress=progress,
-                       gen_options=gen_options(ecfg))
+                       gen_options=gen_options(ecfg), likelihood=_opt(ecfg, "likelihood", "auto"))
