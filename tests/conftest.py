@@ -72,6 +72,16 @@ def tiny_model(tokenizer):
     return make
 
 
+def conf_model(name: str, tokenizer, dtype=torch.float32):
+    """The tiny model of ``conf/model/<name>.yaml`` (e.g. tiny_llada), built on ``tokenizer``, in eval mode."""
+    from omegaconf import OmegaConf
+
+    from freeact.models.loading import build_tiny
+
+    m = OmegaConf.load(os.path.join(CONF_DIR, "model", f"{name}.yaml"))
+    return build_tiny(m.family, OmegaConf.to_container(m.arch), tokenizer).to(dtype).eval()
+
+
 def compose_cfg(overrides=()):
     from hydra import compose, initialize_config_dir
 

@@ -8,22 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
 
 from freeact.eval.elbo import masked_token_nll
 from freeact.eval.harness import TASKS_DIR, flatten_results, local_task_names, materialize_tasks, run_harness
 from freeact.eval.sampling import diffusion_generate, transfer_schedule
 from freeact.eval.tasks.utils import check_completion, process_code_results
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny
+from conftest import conf_model
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 FAST = dict(limit=2, num_fewshot=0, batch_size=16, mc_num=2, gen_length=8, steps=8, block_length=4, progress=False)
-
-
-def conf_model(name, tokenizer, dtype=torch.float32):
-    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    return build_tiny(m.family, OmegaConf.to_container(m.arch), tokenizer).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,31 +9,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from freeact.eval.diffusion_lm import DiffusionLM, request_seed
 from freeact.eval.elbo import bernoulli_masks, masked_token_nll, stratified_masks
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny
+from conftest import conf_model
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
 PAIR = ("Bees collect nectar and", " make honey")
-
-
-def conf_model(name, tokenizer, dtype=torch.float64):
-    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    return build_tiny(m.family, OmegaConf.to_container(m.arch), tokenizer).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
 def llada(tokenizer):
-    return conf_model("tiny_llada", tokenizer)
+    return conf_model("tiny_llada", tokenizer, torch.float64)
 
 
 @pytest.fixture(scope="module")
 def dream(tokenizer):
-    return conf_model("tiny_dream", tokenizer)
+    return conf_model("tiny_dream", tokenizer, torch.float64)
 
 
 def dllm(model, tokenizer, **kw):

@@ -1,22 +1,13 @@
 """Issue 14 (generation): Dream's timestep schedule and token sampler, top-p / top-k, CFG; each
 checked against a plain step-by-step reference of the published algorithm written here."""
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from freeact.eval.sampling import diffusion_generate, dream_transfer_schedule, filter_logits
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny
-
-CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def conf_model(name, tokenizer):
-    m = OmegaConf.load(CONF / "model" / f"{name}.yaml")
-    return build_tiny(m.family, OmegaConf.to_container(m.arch), tokenizer).float().eval()
+from conftest import conf_model
 
 
 @pytest.fixture(scope="module")
