@@ -49,7 +49,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .elbo import ESTIMATORS, sequences_nll
-from .sampling import check_sampling, check_schedule, diffusion_generate, resolve_remasking, resolve_schedule
+from .sampling import (check_sampling, check_schedule, diffusion_generate, family_choice, resolve_remasking,
+                       resolve_schedule)
 
 
 def request_seed(seed: int, *token_lists) -> int:
@@ -63,11 +64,7 @@ def request_seed(seed: int, *token_lists) -> int:
 def resolve_likelihood(likelihood: str | None, adapter) -> str:
     """``auto`` (or None): the family's own estimator, ``dream`` for shifted-logits models (Dream),
     else ``llada``."""
-    if likelihood in (None, "auto"):
-        return "dream" if adapter.shift_logits else "llada"
-    if likelihood not in ESTIMATORS:
-        raise ValueError(f"likelihood={likelihood!r} must be auto or one of {ESTIMATORS}")
-    return likelihood
+    return family_choice("likelihood", likelihood or "auto", ESTIMATORS, adapter, dream="dream", llada="llada")
 
 
 @register_model("freeact_dllm")

@@ -67,12 +67,18 @@ def dream_transfer_schedule(num_masked: int, steps: int, eps: float = DREAM_EPS)
     return out
 
 
+def family_choice(key: str, value: str, choices: tuple[str, ...], adapter, dream: str, llada: str) -> str:
+    """``value`` checked against ``choices``; ``auto`` becomes the family's own: ``dream`` for
+    shifted-logits models (Dream), ``llada`` otherwise."""
+    if value == "auto":
+        return dream if adapter.shift_logits else llada
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} must be auto or one of {tuple(c for c in choices if c != 'auto')}")
+    return value
+
+
 def resolve_schedule(schedule: str, adapter) -> str:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} must be one of {SCHEDULES}")
-    if schedule == "auto":
-        return "dream" if adapter.shift_logits else "llada"
-    return schedule
+    return family_choice("schedule", schedule, SCHEDULES, adapter, dream="dream", llada="llada")
 
 
 def check_sampling(alg: str = "entropy", alg_temp: float | None = None, top_p: float | None = None,
@@ -138,11 +144,7 @@ def transfer_schedule(num_masked: int, steps: int) -> list[int]:
 
 
 def resolve_remasking(remasking: str, adapter) -> str:
-    if remasking not in REMASKING:
-        raise ValueError(f"remasking={remasking!r} must be one of {REMASKING}")
-    if remasking == "auto":
-        return "entropy" if adapter.shift_logits else "low_confidence"
-    return remasking
+    return family_choice("remasking", remasking, REMASKING, adapter, dream="entropy", llada="low_confidence")
 
 
 def check_schedule(gen_length: int, steps: int, block_length: int | None) -> tuple[int, int]:
