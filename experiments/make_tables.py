@@ -14,6 +14,8 @@ is bold; lower is better for perplexity / NLL / error metrics, higher for everyt
 
 Only seeds are averaged: the rows of one cell must have the same config (every model./method./quant./
 calib./eval. key and ``device``) except ``seed``, one row per seed; they are shown as ``mean ± std (n)``.
+Rows that differ in another config column are shown apart: that column joins ``--rows`` (the footer says
+which), unless ``--allow-mixed``.
 
 Provenance: under each table, the commit its rows come from (the rows' ``git_commit``) and their number.
 A table whose rows come from several commits, from a dirty tree (``+dirty``) or an unknown commit, or a
@@ -219,6 +221,16 @@ def _label(idx) -> str:
     return " | ".join(str(k) for k in (idx if isinstance(idx, tuple) else (idx,)))
 
 
+def differing_columns(df: pd.DataFrame, keys: list[str], config: list[str]) -> list[str]:
+    """Config columns in which the rows of some group of ``keys`` differ: adding them to the keys shows
+    those rows apart instead of averaging runs that are not seeds of one config."""
+    out = []
+    for _, g in df.groupby(keys, sort=False, dropna=False):
+        if len(g) > 1:
+            out += [c for c in config if c in g and c not in out and c not in keys and g[c].nunique(dropna=False) > 1]
+    return out
+
+
 def mixed_cells(df: pd.DataFrame, keys: list[str], config: list[str], what: str = "cell") -> list[tuple[str, str]]:
     """Groups of ``keys`` whose rows differ in more than the seed, or repeat a seed with one config.
 
@@ -411,6 +423,10 @@ def main(argv=None) -> int:
     for k in keys:
         if k not in df:
             raise SystemExit(f"no column {[k]} in the results (columns: {sorted(df.columns)[:20]} ...)")
+    split = [] if a.allow_mixed else differing_columns(_fill_keys(df, keys), keys, config)
+    apart = [f"rows that differ in {', '.join(split)} besides the seed are shown apart (not averaged); "
+             "--allow-mixed averages them"] if split else []
+    rows, keys = rows + split, keys + split
 
     # one table per metric when pivoting on a config column, one table of all metrics with --cols metric
     problems, blocks = [], []  # blocks: (title, markdown, latex)
@@ -422,7 +438,7 @@ def main(argv=None) -> int:
         mixed = mixed_cells(_fill_keys(sub, keys), keys, config)
         problem = provenance_problem(sub)
         problems += ([problem] if problem else []) + [refusal for refusal, _ in mixed]
-        lines = footer(sub, [note for _, note in mixed])
+        lines = footer(sub, apart + [note for _, note in mixed])
         title = f"metric: {', '.join(table_metrics)}"
         blocks.append((title, to_markdown(text, bold) + "\n\n" + footer_markdown(lines),
                        to_latex(text, bold) + footer_latex(lines)))

@@ -2,14 +2,21 @@
 any compute starts. Every failure is a :class:`ConfigError` whose message names the key."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import os
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from .method_settings import (SETTINGS, FreeActSettings, MethodSettings, SettingsError, apply_all_methods,
+                              as_dict, parse_settings)
 from .quant.spec import GRANULARITIES, QuantSpec
 
 
@@ -60,6 +67,7 @@ class CalibConfig:
     mask_t_min: float = 0.0  # dLLMs: masking ratio t ~ U(t_min, t_max) per sequence
     mask_t_max: float = 1.0
     kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
+    text_field: str = "text"  # dataset sources: the column holding the text
 
 
 @dataclass
@@ -72,6 +80,7 @@ class EvalConfig:
     mc_num: int = 16  # dLLM Monte-Carlo draws per sequence
     seed: int = 1234
     kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
+    text_field: str = "text"  # dataset sources: the column holding the text
     nsamples: Optional[int] = None  # multimodal: records used (synthetic: how many are generated)
     max_new_tokens: int = 8  # multimodal: greedy answer length
     # lm-eval tasks (freeact/eval/harness.py); empty = text metric only
@@ -105,18 +114,17 @@ class LoggerConfig:
     entity: Optional[str] = None
 
 
+SCHEMAS = {"quant": QuantConfig, "model": ModelConfig, "calib": CalibConfig, "eval": EvalConfig, "logger": LoggerConfig}
 cs = ConfigStore.instance()
-cs.store(group="quant", name="quant_schema", node=QuantConfig)
-cs.store(group="model", name="model_schema", node=ModelConfig)
-cs.store(group="calib", name="calib_schema", node=CalibConfig)
-cs.store(group="eval", name="eval_schema", node=EvalConfig)
-cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+for _group, _node in SCHEMAS.items():  # conf/<group>/*.yaml: defaults [/schema/<group>@_here_]
+    cs.store(group="schema", name=_group, node=_node)
+for _name, _node in SETTINGS.items():  # conf/method/<name>.yaml: defaults [/schema/method/<name>@_here_, _self_]
+    cs.store(group="schema/method", name=_name, node=_node)
 
 FAMILIES = ("causal", "llada", "dream", "vlm")
 DATA_KINDS = ("text", "multimodal")
 SOURCES = ("tiny", "pretrained")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
-WEIGHT_ALGOS = ("rtn", "gptq", "none")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -218,12 +226,96 @@ def _check_text_source(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}.source={source}: {e}") from None
 
 
-def validate(cfg: DictConfig, method_names) -> dict[str, QuantSpec]:
-    """Raise ConfigError on the first bad value; return the quantizer specs. ``method_names``: the
-    registered methods, or a callable giving them (called only once the cheap checks passed, since
-    it imports the methods: a bad value is reported before torch is loaded)."""
-    _check(cfg.method.get("weight_algo", "rtn") in WEIGHT_ALGOS,
-           f"method.weight_algo={cfg.method.get('weight_algo')!r} must be one of {WEIGHT_ALGOS}")
+TOP_LEVEL = ("seed", "device", "results_file", "force", "progress", "tag", "save_model", "all_methods",
+             "model", "method", "quant", "calib", "eval", "logger")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _unknown(key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], sorted(known), n=1)
+    hint = f" (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?)" if close else ""
+    return ConfigError(f"{key} is not a setting{hint}")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key is one the run reads: Hydra's ``+group.key=...`` adds keys to any config, so keys that
+    no schema has (``+quant.wbits=4``) are rejected here instead of being silently recorded."""
+    for key in cfg:
+        if key not in TOP_LEVEL:
+            raise _unknown(str(key), TOP_LEVEL)
+    for group, schema in SCHEMAS.items():
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in cfg[group]:
+            if key not in known:
+                raise _unknown(f"{group}.{key}", known)
+    spec_keys = {f.name for f in dataclasses.fields(QuantSpecConfig)}
+    for part in ("weight", "act", "kv"):
+        for key in cfg.quant[part]:
+            if key not in spec_keys:
+                raise _unknown(f"quant.{part}.{key}", spec_keys)
+
+
+def resolve_method(cfg: DictConfig, explicit: Iterable[str] = ()) -> MethodSettings:
+    """Complete ``cfg.method`` with its defaults and the ``all_methods`` settings it has, check it, and
+    write the result back (what the row records); ``all_methods`` is then dropped. ``explicit``: the
+    ``method.<key>`` set on the command line (they win over ``all_methods``)."""
+    raw = OmegaConf.to_container(cfg.method, resolve=True)
+    shared = OmegaConf.to_container(cfg.all_methods, resolve=True) if cfg.get("all_methods") else {}
+    try:
+        settings = parse_settings(apply_all_methods(raw, shared, set(explicit)))
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
+    with open_dict(cfg):
+        cfg.method = OmegaConf.create(as_dict(settings))
+        cfg.pop("all_methods", None)
+    return settings
+
+
+def _writable_file(key: str, path: str) -> None:
+    """``path`` can be created (in its nearest existing folder: nothing is made here) or appended to."""
+    p = Path(path).expanduser().absolute()
+    folder = p.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".freeact-check-"):
+            pass
+        if p.exists() and not os.access(p, os.W_OK):
+            raise PermissionError(f"{p} is read-only")
+    except OSError as e:
+        raise ConfigError(f"{key}={path} cannot be written: {e.strerror or e}") from None
+
+
+def check_device(device: str) -> None:
+    """``device``: auto, cpu, cuda or cuda:N, and there (imports torch: call after the cheap checks)."""
+    _check(isinstance(device, str) and bool(_DEVICE.match(device)),
+           f"device={device!r} must be auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        _check(torch.cuda.is_available(), f"device={device}: no CUDA device is available here (device=auto or cpu)")
+        n = int(device.split(":")[1]) if ":" in device else 0
+        _check(n < torch.cuda.device_count(), f"device={device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[str, QuantSpec]:
+    """Raise ConfigError on the first bad value; return the quantizer specs. Completes ``cfg.method``
+    (see :func:`resolve_method`). Cheap checks first: a bad value is reported before torch is loaded."""
+    check_keys(cfg)
+    _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), f"seed={cfg.seed!r} must be an integer")
+    _check(isinstance(cfg.device, str) and bool(_DEVICE.match(cfg.device)),
+           f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    for key in ("force", "progress", "save_model"):
+        _check(isinstance(cfg[key], bool), f"{key}={cfg[key]!r} must be true or false")
+    settings = resolve_method(cfg, explicit_method_keys)
+    if isinstance(settings, FreeActSettings):
+        try:
+            settings.check_token_types(cfg.model.family)
+        except SettingsError as e:
+            raise ConfigError(str(e)) from None
+    _writable_file("results_file", cfg.results_file)
     m = cfg.model
     _check(m.family in FAMILIES, f"model.family={m.family!r} must be one of {FAMILIES}")
     _check(m.source in SOURCES, f"model.source={m.source!r} must be one of {SOURCES}")
@@ -261,8 +353,6 @@ def validate(cfg: DictConfig, method_names) -> dict[str, QuantSpec]:
         _check_text_source(cfg, key)
     _check(cfg.logger.mode in ("offline", "online", "disabled"),
            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
-    names = method_names() if callable(method_names) else method_names
-    _check(cfg.method.name in names, f"method.name={cfg.method.name!r} is not one of {names}")
     try:
         widths = model_widths(m)
     except (OSError, KeyError, TypeError) as e:
@@ -273,6 +363,7 @@ def validate(cfg: DictConfig, method_names) -> dict[str, QuantSpec]:
             for d in dims:
                 _check(d is None or d % s.group_size == 0,
                        f"quant.{key}.group_size={s.group_size} does not divide the width {d} of {m.name}")
+    check_device(cfg.device)
     return specs
 
 

@@ -17,7 +17,6 @@ from freeact.data import sources
 from freeact.data.calib import build_calib_set
 from freeact.data.sources import HFSpec, SourceError, parse_hf
 from freeact.data.text import read_text, token_stream
-from freeact.methods import method_names
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = "zebra quokka xylophone"  # not in the shipped corpora
@@ -119,8 +118,8 @@ def test_text_field_names_another_column(tmp_path, tokenizer, compose):
     calib = build_calib_set(tokenizer, str(folder), nsamples=2, seqlen=32, seed=0, text_field="body")
     assert calib.input_ids.shape == (2, 32)
     with pytest.raises(ConfigError, match=r"calib.source=.*no 'text' column"):
-        validate(compose([f"calib.source={folder}"]), method_names())
-    validate(compose([f"calib.source={folder}", "+calib.text_field=body"]), method_names())
+        validate(compose([f"calib.source={folder}"]))
+    validate(compose([f"calib.source={folder}", "calib.text_field=body"]))
 
 
 def test_perplexity_from_a_local_source(tmp_path, tokenizer, tiny_model):
@@ -145,7 +144,7 @@ def test_perplexity_from_a_local_source(tmp_path, tokenizer, tiny_model):
 def test_a_hub_dataset_not_cached_offline_is_a_one_line_config_error(compose):
     source = "hf:wikitext:wikitext-2-raw-v1:train"
     with pytest.raises(ConfigError) as e:
-        validate(compose([f"calib.source={source}"]), method_names())
+        validate(compose([f"calib.source={source}"]))
     msg = str(e.value)
     assert msg.startswith(f"calib.source={source}: dataset 'wikitext' (config wikitext-2-raw-v1, split train) "
                           "is not in the local datasets cache and the hub is offline")
@@ -156,7 +155,7 @@ def test_a_folder_with_mixed_formats_is_rejected(tmp_path, compose):
     folder = write_folder(tmp_path / "mixed", "parquet", corpus_docs(2))
     write_folder(folder, "jsonl", corpus_docs(2))
     with pytest.raises(ConfigError, match="must hold files of one format"):
-        validate(compose([f"eval.source={folder}"]), method_names())
+        validate(compose([f"eval.source={folder}"]))
 
 
 def cli(args, cwd, env_extra):

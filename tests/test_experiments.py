@@ -8,7 +8,6 @@ from conftest import missing, skip_reason
 
 from freeact.config import validate
 from freeact.data.easy_vqa import is_easy_vqa
-from freeact.methods import method_names
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -41,7 +40,7 @@ def test_experiment_sweeps_compose_and_validate(compose, name):
         if needs:  # not installed: the run still composed above, but cannot be validated
             gone.update(needs)
             continue
-        validate(cfg, method_names())
+        validate(cfg)
     assert n >= 1
     if gone:  # every run composed; report the ones that could not be validated as a skip
         pytest.skip(skip_reason(sorted(gone)))

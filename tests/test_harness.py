@@ -226,19 +226,18 @@ def test_code_task_executes_with_a_time_limit():
 # -- config ---------------------------------------------------------------------------------
 def test_harness_config_validates_and_runs_through_the_experiment(compose, tmp_path, monkeypatch):
     from freeact.config import ConfigError, validate
-    from freeact.methods import method_names
 
-    validate(compose(["eval=harness"]), method_names())
+    validate(compose(["eval=harness"]))
     with pytest.raises(ConfigError, match="eval: block_length=5 must divide gen_length=32"):
-        validate(compose(["eval=harness", "eval.block_length=5"]), method_names())
+        validate(compose(["eval=harness", "eval.block_length=5"]))
     with pytest.raises(ConfigError, match="remasking"):
-        validate(compose(["eval=harness", "eval.remasking=bogus"]), method_names())
+        validate(compose(["eval=harness", "eval.remasking=bogus"]))
 
     from freeact.experiment import run_experiment
 
     monkeypatch.chdir(tmp_path)
     cfg = compose(["model=tiny_llada", "method=fp16", "eval=harness", "eval.text=false", "eval.tasks=[freeact_mc]",
                    "eval.limit=2", "eval.mc_num=2", "progress=false"])
-    row, _ = run_experiment(cfg, validate(cfg, method_names()), "test")
+    row, _ = run_experiment(cfg, validate(cfg), "test")
     assert 0.0 <= row["freeact_mc.acc"] <= 1.0 and row["freeact_mc.n"] == 2
     assert not any(k.startswith("wiki.") for k in row)  # text: false skips the text metric

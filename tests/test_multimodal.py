@@ -421,14 +421,13 @@ def test_offline_benchmark_scores_the_models_own_answers(make_vlm, processor, re
 def test_run_writes_multimodal_metrics(compose, tmp_path, monkeypatch):
     from freeact.config import validate
     from freeact.experiment import run_experiment
-    from freeact.methods import method_names
 
     monkeypatch.setenv("FREEACT_CACHE", str(tmp_path))
     rows = {}
     for method in ("fp16", "rtn"):
         cfg = compose(["model=tiny_vlm", f"method={method}", "quant=w4a4", "calib=mm_synthetic",
                        "eval=mm_synthetic", "calib.nsamples=6", "eval.nsamples=6", "progress=false"])
-        rows[method], _ = run_experiment(cfg, validate(cfg, method_names()), "test")
+        rows[method], _ = run_experiment(cfg, validate(cfg), "test")
     for row in rows.values():
         assert row["model.family"] == "vlm" and row["eval.kind"] == "multimodal"
         assert {"mm_synthetic.vqa_acc", "mm_synthetic.anls", "mm_synthetic.mc_acc", "mm_synthetic.answer_nll",
@@ -441,12 +440,11 @@ def test_run_writes_multimodal_metrics(compose, tmp_path, monkeypatch):
 
 def test_multimodal_data_needs_a_vlm(compose):
     from freeact.config import ConfigError, validate
-    from freeact.methods import method_names
 
     with pytest.raises(ConfigError, match="eval.kind=multimodal needs a vision-language model"):
-        validate(compose(["model=tiny_llama", "eval=mm_synthetic"]), method_names())
+        validate(compose(["model=tiny_llama", "eval=mm_synthetic"]))
     with pytest.raises(ConfigError, match="eval.source"):
-        validate(compose(["model=tiny_vlm", "eval=mm_textvqa", "eval.source=/no/such/dir"]), method_names())
+        validate(compose(["model=tiny_vlm", "eval=mm_textvqa", "eval.source=/no/such/dir"]))
 
 
 # -- lmms-eval ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from freeact.config import ConfigError, config_hash, validate
-from freeact.methods import method_names
 from freeact.tracking.results import append_row, find_row, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,13 +42,13 @@ def test_bad_configs_fail_with_named_key(compose, override, message):
         message = "model.path=/no/such/dir does not exist"
     cfg = compose(overrides)
     with pytest.raises(ConfigError) as e:
-        validate(cfg, method_names())
+        validate(cfg)
     assert message in str(e.value)
 
 
 def test_good_config_validates_for_every_tiny_model(compose):
     for model in ["tiny_llama", "tiny_llada", "tiny_dream"]:
-        specs = validate(compose([f"model={model}"]), method_names())
+        specs = validate(compose([f"model={model}"]))
         assert specs["weight"].bits == 4 and specs["act"].bits == 4 and not specs["kv"].enabled
 
 

@@ -3,7 +3,6 @@ checked against a plain step-by-step reference of the published algorithm writte
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from freeact.eval.sampling import diffusion_generate, dream_transfer_schedule, filter_logits
 from freeact.models import get_adapter

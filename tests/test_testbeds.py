@@ -14,7 +14,6 @@ from freeact.config import ConfigError, validate
 from freeact.data.text import read_text, token_stream
 from freeact.eval.elbo import elbo
 from freeact.experiment import load_model
-from freeact.methods import method_names
 from freeact.models import LLaDAModelLM, get_adapter
 from freeact.models.loading import resolve_path
 
@@ -29,7 +28,7 @@ def _cfg(model: str, *overrides: str):
 @pytest.fixture(scope="module")
 def dllm():
     cfg = _cfg("testbed_dllm")
-    validate(cfg, method_names())
+    validate(cfg)
     return load_model(cfg.model, "cpu")
 
 
@@ -41,7 +40,7 @@ def test_pkg_paths_resolve_to_installed_packages(tmp_path):
         resolve_path("pkg://freeact_no_such_package/x")
     cfg = _cfg("testbed_dllm", "model.path=pkg://freeact_no_such_package")
     with pytest.raises(ConfigError, match="model.path"):
-        validate(cfg, method_names())
+        validate(cfg)
 
 
 def test_shipped_checkpoint_is_small_and_sharded():
@@ -88,7 +87,7 @@ def test_testbed_dllm_heldout_elbo_far_below_unigram(dllm):
 @requires_real
 def test_testbed_ar_loads_smollm2_from_the_installed_package():
     cfg = _cfg("testbed_ar")
-    validate(cfg, method_names())
+    validate(cfg)
     model, tok = load_model(cfg.model, "cpu")
     c = model.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == \
@@ -119,7 +118,7 @@ def test_easy_vqa_records_and_baselines(tmp_path, monkeypatch):
         easy_vqa.records("valid")
     cfg = _cfg("tiny_vlm", "eval=mm_easyvqa", "eval.source=easy_vqa/valid")
     with pytest.raises(ConfigError, match="split"):
-        validate(cfg, method_names())
+        validate(cfg)
 
 
 @pytest.mark.slow  # SmolLM2 from its GGUF + the trained vision tower (~30 s)
@@ -131,7 +130,7 @@ def test_testbed_vlm_loads_and_answers_easy_vqa():
     from freeact.experiment import load_model_processor
 
     cfg = _cfg("testbed_vlm", "eval=mm_easyvqa", "calib=mm_easyvqa")
-    validate(cfg, method_names())
+    validate(cfg)
     model, _ = load_model(cfg.model, "cpu")
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     c = model.config.text_config
@@ -149,7 +148,7 @@ def test_testbed_dream_loads_beats_unigram_and_has_outliers():
     from freeact.data.text import mask_tokens
 
     cfg = _cfg("testbed_dream")
-    validate(cfg, method_names())
+    validate(cfg)
     model, tok = load_model(cfg.model, "cpu")
     adapter = get_adapter(model)
     assert model.config.is_causal is False and adapter.objective == "mdm" and adapter.shift_logits

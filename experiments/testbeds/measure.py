@@ -40,7 +40,6 @@ from freeact import config as _config  # noqa: E402,F401  (registers the config 
 from freeact.config import config_hash, validate  # noqa: E402
 from freeact.data.text import chunks, mask_tokens, random_windows, read_text, token_stream  # noqa: E402
 from freeact.experiment import git_commit, load_model, run_experiment  # noqa: E402
-from freeact.methods import method_names  # noqa: E402
 from freeact.analysis import activation_stats  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402
 from freeact.models.token_types import TokenTypes  # noqa: E402
@@ -176,7 +175,7 @@ def method_rows(name: str, a) -> list[dict]:
     for key in a.methods:
         method, quant, extra = METHODS[key]
         cfg = compose_cfg(TESTBEDS[name], method, quant, extra, a)
-        specs = validate(cfg, method_names())
+        specs = validate(cfg)
         t0 = time.time()
         row, model = run_experiment(cfg, specs, config_hash(cfg))
         del model
@@ -196,7 +195,7 @@ def method_rows(name: str, a) -> list[dict]:
 
 def ar_full_fp(a) -> dict | None:
     cfg = compose_cfg(TESTBEDS["ar"], "fp16", "w16a16", [f"eval.max_chunks={a.ar_fp_chunks or 'null'}"], a)
-    row, _ = run_experiment(cfg, validate(cfg, method_names()), config_hash(cfg))
+    row, _ = run_experiment(cfg, validate(cfg), config_hash(cfg))
     n = cfg.eval.name
     return {"nll": row[f"{n}.nll"], "ppl": row[f"{n}.ppl"], "eval_tokens": row[f"{n}.eval_tokens"],
             "chunks": a.ar_fp_chunks or "all"}
@@ -227,7 +226,7 @@ def measure(a, res: dict) -> dict:
     for name in a.testbeds:
         t0 = time.time()
         cfg = compose_cfg(TESTBEDS[name], "fp16", "w16a16", [], a)
-        validate(cfg, method_names())
+        validate(cfg)
         model, tok = load_model(cfg.model, "cpu", seed=a.seed)
         c = model.config
         c = getattr(c, "text_config", c)  # a VLM: its language model

@@ -19,7 +19,7 @@ A text ``source`` (``calib.source`` / ``eval.source``) is one of
   ``.gz``) files, or a folder of ``.txt`` files (each file one document), or a folder written by
   ``Dataset.save_to_disk``: read with the packaged builder its files' extension names.
 
-Rows are taken from the ``text`` column (``+calib.text_field=...`` / ``+eval.text_field=...`` for
+Rows are taken from the ``text`` column (``calib.text_field=...`` / ``eval.text_field=...`` for
 another) and joined with ``"\\n\\n"``, as the shipped corpora separate documents and as the papers
 join WikiText-2's test split for perplexity. ``import datasets`` happens only here, only for these
 sources.
@@ -187,7 +187,7 @@ def load_text_dataset(source: str, text_field: str = "text"):
         ds = _load_local(*found, source)
     if text_field not in ds.column_names:
         raise SourceError(f"has no {text_field!r} column (columns: {ds.column_names}); "
-                          f"name the text column with +calib.text_field=... / +eval.text_field=...")
+                          f"name the text column with calib.text_field=... / eval.text_field=...")
     return ds
 
 

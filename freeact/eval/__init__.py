@@ -8,7 +8,7 @@ from .perplexity import perplexity
 
 
 def text_field(data_cfg) -> str:
-    """The text column of a dataset source: the optional ``text_field`` key (``+eval.text_field=...``)."""
+    """The text column of a dataset source: the optional ``text_field`` key (``eval.text_field=...``)."""
     return getattr(data_cfg, "text_field", None) or "text"
 
 

@@ -37,7 +37,7 @@ a task YAML directory through ``include_path``::
     with initialize_config_dir(config_dir="/abs/path/to/freeact/conf", version_base="1.3"):
         cfg = compose("config", overrides=["model=qwen2_5_vl_7b", "method=quarot", "quant=w4a4",
                                            "calib=mm_synthetic", "eval=mm_synthetic"])
-    row, model = run_experiment(cfg, validate(cfg, method_names()), run_hash="lmms")  # quantized
+    row, model = run_experiment(cfg, validate(cfg), run_hash="lmms")  # quantized
     metrics = run_lmms_eval(model, load_model_processor(cfg.model),
                             tasks=["textvqa_val", "docvqa_val", "chartqa", "mmbench_en_dev"],
                             device="cuda", batch_size=8, max_new_tokens=32)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.calib import CalibSet
+from ..method_settings import as_dict, parse_settings
 from ..models.adapter import ModelAdapter
 from ..quant.act import InputQuantizer, attach_input_quantizer, set_act_quant
 from ..quant.gptq import HessianAccumulator, gptq_quantize_weight
@@ -103,7 +104,10 @@ class Method:
     quantizes = True
 
     def __init__(self, cfg: dict | None = None):
-        self.cfg = dict(cfg or {})
+        """``cfg``: the method's settings (``freeact.method_settings``); missing keys take their defaults,
+        unknown keys and bad values raise :class:`~freeact.method_settings.SettingsError`."""
+        self.settings = parse_settings({**(cfg or {}), "name": self.name})
+        self.cfg = as_dict(self.settings)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -135,9 +139,7 @@ class Method:
 
     def quantize_weights(self, ctx: QuantContext) -> None:
         """Quantize every block linear's weight with the configured ``weight_algo``."""
-        algo = self.cfg.get("weight_algo", "rtn")
-        if algo not in ("rtn", "gptq", "none"):
-            raise ValueError(f"weight_algo must be rtn, gptq or none, got {algo!r}")
+        algo = self.cfg["weight_algo"]
         if ctx.quant.weight.enabled and algo != "none":
             self.gptq(ctx) if algo == "gptq" else self.rtn(ctx)
 

@@ -13,11 +13,9 @@ class FullPrecision(Method):
 
 @register_method("rtn")
 class RTN(Method):
-    def __init__(self, cfg=None):
-        super().__init__({"weight_algo": "rtn", **(cfg or {})})
+    """Round-to-nearest weights (``weight_algo``) and activations, no transform."""
 
 
 @register_method("gptq")
 class GPTQ(Method):
-    def __init__(self, cfg=None):
-        super().__init__({"weight_algo": "gptq", **(cfg or {})})
+    """GPTQ weights (the default ``weight_algo`` of its settings), RTN activations, no transform."""

@@ -31,11 +31,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from ..method_settings import NONFINITE_MODES
 from ..quant.kv import IMPL
 from ..transforms.typed import TypeCovariance
 from .blockwise import capture_inputs, capture_layer0_inputs, layer_output
 
-NONFINITE_MODES = ("raise", "keep_last")
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,6 +54,7 @@ class TrainConfig:
     min_lr_ratio: float = 1e-3  # cosine schedule ends at lr * min_lr_ratio (FlatQuant: 1e-3)
     on_nonfinite: str = "raise"
     loss_by_type: bool = False  # FreeAct: sum over token types of the per-type MSE
+    amp: str = "off"  # the quantized layer's forward under autocast: bf16 | fp16 | off (loss in float32)
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -60,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"lr ({self.lr}) and clip_lr_mult ({self.clip_lr_mult}) must be positive")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
         if self.on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_MODES}, got {self.on_nonfinite!r}")
 
@@ -230,7 +235,8 @@ def _cosine(total: int, min_ratio: float):
 
 def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, targets, cfg: TrainConfig,
                 index: int, token_types=None, num_types: int = 1, valid: list | None = None) -> dict:
-    """Optimise ``plan``'s parameters on one layer; returns loss / step info, and ``err``: per token
+    """Optimise ``plan``'s parameters on one layer (``cfg.amp``: the layer's forward under autocast, the
+    parameters, the optimizer and the loss in float32); returns loss / step info, and ``err``: per token
     type (one entry when untyped), the relative block-output error ``sum |out - y|^2 / sum |y|^2`` over
     the last epoch. The host waits for the device once per epoch (``on_nonfinite="raise"``: a non-finite
     loss is reported with its epoch) or once per step (``keep_last``: the last finite step is restored)."""
@@ -247,10 +253,14 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
         p.requires_grad_(True)
     fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
+    device = hidden[0].device
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    # float16 needs loss scaling against gradient underflow; bfloat16 has float32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, cfg.min_lr_ratio))
     per_step = cfg.on_nonfinite == "keep_last"
     last_good = [p.detach().clone() for p in params] if per_step else None
-    device = hidden[0].device
     err_num = torch.zeros(max(num_types, 1), dtype=torch.float64, device=device)
     err_den = torch.zeros_like(err_num)
     step = 0
@@ -260,7 +270,9 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
         for j, (h, kw, y) in enumerate(zip(hidden, kwargs, targets)):
             v = None if valid is None else valid[j]
             with parametrize.cached(), _batch_types(token_types, types, j):
-                out = layer_output(layer(h, **kw))
+                with autocast():
+                    out = layer_output(layer(h, **kw))
+                out = out.to(y.dtype)  # the loss in the targets' (full) precision
                 t = types[j] if (cfg.loss_by_type and types is not None) else None
                 loss = blockwise_loss(out, y, t, num_types, v)
                 if per_step and not torch.isfinite(loss):
@@ -275,7 +287,7 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
                         for p, good in zip(params, last_good):
                             good.copy_(p)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
             if last_epoch:
                 with torch.no_grad():
                     ti = _type_index(types[j] if types is not None else None, v, out)
@@ -284,7 +296,8 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
                     keep = ti >= 0
                     err_num.index_add_(0, ti[keep], e[keep])
                     err_den.index_add_(0, ti[keep], ref[keep])
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             running += loss.detach()
@@ -358,6 +371,7 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
     last = [r["loss_last_epoch"] for r in losses]
     info.update({
         "train_seconds": round(time.time() - t0, 3),
+        "amp": cfg.amp,
         "train_steps": sum(r["steps"] for r in losses),
         "loss_first_epoch": "|".join(f"{v:.4g}" for v in first),
         "loss_last_epoch": "|".join(f"{v:.4g}" for v in last),

@@ -31,15 +31,14 @@ import torch
 
 from ..quant.act import InputQuantizer, attach_input_quantizer
 from ..quant.kv import IMPL, QKVHook
-from ..transforms.affine import (KINDS, STRUCTURES, AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
+from ..transforms.affine import (AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
                                  WeightClip, merge_linear, smooth_scale)
 from ..transforms.fusion import fuse_norm_into_linears
 from .base import Method, QuantContext, register_method
-from .block_training import NONFINITE_MODES, TrainConfig, train_blockwise
+from .block_training import TrainConfig, train_blockwise
 
 SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",), "o": ("o",)}
 STAT_KEY = {"qkv": "q", "mlp": "up", "down": "down", "o": "o"}  # whose input the statistics were taken from
-O_TRANSFORMS = ("heads", "site")
 
 
 def _inner(site):
@@ -137,41 +136,16 @@ class LayerTransforms:
 
 @register_method("flatquant")
 class FlatQuant(Method):
-    """See the module docstring; config keys in ``conf/method/flatquant.yaml``. ``DEFAULTS`` are the
-    published settings (15 epochs); the YAML lowers ``epochs`` so tiny models run in seconds."""
+    """See the module docstring; settings: :class:`~freeact.method_settings.FlatQuantSettings`."""
 
-    DEFAULTS = dict(weight_algo="rtn", epochs=15, lr=5e-3, clip_lr_mult=10.0, weight_decay=0.0, batch_size=4,
-                    on_nonfinite="raise", matrix="invertible", structure="kronecker", matrix_init="random",
-                    smooth_alpha=0.3, learn_scale=True, lwc=True, lac=True, vo_transform=True, o_transform="heads",
-                    kv_transform="auto", fuse_norms=True)
     loss_by_type = False
 
-    def __init__(self, cfg=None):
-        super().__init__({**self.DEFAULTS, **(cfg or {})})
-        self._check()
-
-    # -- config ---------------------------------------------------------------------------------
-    def _check(self) -> None:
+    def train_config(self, device: str = "cpu") -> TrainConfig:
         c = self.cfg
-        if c["matrix"] not in KINDS:
-            raise ValueError(f"method.matrix={c['matrix']!r} must be one of {KINDS}")
-        if c["structure"] not in STRUCTURES:
-            raise ValueError(f"method.structure={c['structure']!r} must be one of {STRUCTURES}")
-        if c["kv_transform"] not in ("auto", True, False):
-            raise ValueError(f"method.kv_transform={c['kv_transform']!r} must be auto, true or false")
-        if c["o_transform"] not in O_TRANSFORMS:
-            raise ValueError(f"method.o_transform={c['o_transform']!r} must be one of {O_TRANSFORMS}")
-        if c["on_nonfinite"] not in NONFINITE_MODES:
-            raise ValueError(f"method.on_nonfinite={c['on_nonfinite']!r} must be one of {NONFINITE_MODES}")
-        if c["smooth_alpha"] is not None and not 0 <= float(c["smooth_alpha"]) <= 1:
-            raise ValueError(f"method.smooth_alpha={c['smooth_alpha']} must be in [0, 1] (or null: no scaling)")
-        self.train_config()
-
-    def train_config(self) -> TrainConfig:
-        c = self.cfg
+        amp = c["amp"] if c["amp"] != "auto" else ("bf16" if str(device).startswith("cuda") else "off")
         return TrainConfig(epochs=int(c["epochs"]), lr=float(c["lr"]), clip_lr_mult=float(c["clip_lr_mult"]),
                            weight_decay=float(c["weight_decay"]), batch_size=int(c["batch_size"]),
-                           on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type)
+                           on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type, amp=amp)
 
     def uses_k_transform(self, ctx: QuantContext) -> bool:
         kt = self.cfg["kv_transform"]
@@ -193,7 +167,7 @@ class FlatQuant(Method):
         info = self.prepare(ctx)
         q = ctx.quant
         quantized = q.weight.enabled or q.act.enabled or q.kv.enabled
-        tcfg = self.train_config()
+        tcfg = self.train_config(ctx.device)
         if ctx.model.config._attn_implementation != IMPL:
             ctx.model.set_attn_implementation(IMPL)
         info.update(train_blockwise(ctx, lambda i, block, stats: self.build_layer(ctx, i, block, stats), tcfg,

@@ -53,10 +53,6 @@ from ..transforms.typed import TypeMask, owner_from_ranks, ranks_from_ratio, typ
 from .base import QuantContext, register_method
 from .flatquant import SITES, STAT_KEY, FlatQuant
 
-INITS = ("random", "spectral")
-TYPED_BASES = ("transform", "dense")
-RANK_MODES = ("fixed", "per_layer")
-MISSING = ("error", "warn")
 
 
 def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
@@ -81,35 +77,9 @@ def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
 
 @register_method("freeact")
 class FreeAct(FlatQuant):
-    """See the module docstring; config keys in ``conf/method/freeact.yaml``."""
+    """See the module docstring; settings: :class:`~freeact.method_settings.FreeActSettings`."""
 
-    DEFAULTS = {**FlatQuant.DEFAULTS, "lr": 1e-3, "matrix": "orthogonal", "o_transform": "site",
-                "token_types": ["mask", "unmasked"], "rank_ratio": 1 / 32, "rank_mode": "fixed",
-                "energy_threshold": 0.01, "max_rank_ratio": 0.25, "init": "random", "spectral_mix": True,
-                "typed_kv": True, "missing_type": "error", "typed_basis": "transform"}
     loss_by_type = True
-
-    def _check(self) -> None:
-        c = self.cfg
-        if c["typed_basis"] not in TYPED_BASES:
-            raise ValueError(f"method.typed_basis={c['typed_basis']!r} must be one of {TYPED_BASES}")
-        if c["matrix"] != "orthogonal" and c["typed_basis"] == "transform":
-            raise ValueError(f"method.matrix={c['matrix']!r}: with typed_basis=transform the typed basis is the "
-                             "transform itself and must be orthogonal (typed_basis=dense takes any matrix)")
-        if c["init"] not in INITS:
-            raise ValueError(f"method.init={c['init']!r} must be one of {INITS}")
-        if c["rank_mode"] not in RANK_MODES:
-            raise ValueError(f"method.rank_mode={c['rank_mode']!r} must be one of {RANK_MODES}")
-        if c["missing_type"] not in MISSING:
-            raise ValueError(f"method.missing_type={c['missing_type']!r} must be one of {MISSING}")
-        if c["init"] == "spectral" and c["structure"] != "dense" and c["typed_basis"] == "transform":
-            raise ValueError("method.init=spectral needs method.structure=dense or method.typed_basis=dense "
-                             "(eigen-directions are not Kronecker-structured)")
-        if not 0 <= float(c["rank_ratio"]) <= 1:
-            raise ValueError(f"method.rank_ratio={c['rank_ratio']} must be in [0, 1]")
-        if not 0 <= float(c["energy_threshold"]) < 1:
-            raise ValueError(f"method.energy_threshold={c['energy_threshold']} must be in [0, 1)")
-        super()._check()
 
     # -- token types ------------------------------------------------------------------------------
     def prepare(self, ctx: QuantContext) -> dict:

@@ -29,11 +29,6 @@ from ..transforms.hadamard import OnlineHadamard, block_hadamard_matrix, random_
 from ..transforms.rotation import apply_residual_rotation, attention_output_transform, fuse_online_rotation
 from .base import Method, QuantContext, register_method
 
-QUAROT_DEFAULTS = dict(weight_algo="gptq", mse_clip=True, act_clip_ratio=0.9, act_symmetric=None,
-                       kv_clip_ratio=0.95, rotate_qk="auto", o_online="auto", down_online=True,
-                       rotation_seed=None)
-
-
 def _flag(value, auto: bool, key: str) -> bool:
     if value in ("auto", None):
         return auto
@@ -44,11 +39,6 @@ def _flag(value, auto: bool, key: str) -> bool:
 
 class RotationMethod(Method):
     """QuaRot's structure; subclasses choose R1 (residual) and R2 (per-layer head) rotations."""
-
-    defaults: dict = QUAROT_DEFAULTS
-
-    def __init__(self, cfg: dict | None = None):
-        super().__init__({**self.defaults, **(cfg or {})})
 
     # -- to override ------------------------------------------------------------------------
     def rotations(self, ctx: QuantContext) -> tuple[torch.Tensor, list[torch.Tensor]]:

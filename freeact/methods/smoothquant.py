@@ -92,16 +92,8 @@ def smooth_v_o(v, o, x_absmax: torch.Tensor, n_heads: int, n_kv_heads: int, alph
 
 @register_method("smoothquant")
 class SmoothQuant(Method):
-    defaults = dict(weight_algo="rtn", alpha=0.5, smooth_vo=True)
-
-    def __init__(self, cfg=None):
-        super().__init__({**self.defaults, **(cfg or {})})
-
     def transform(self, ctx: QuantContext) -> dict:
-        alpha = float(self.cfg.get("alpha", 0.5))
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        smooth_vo = bool(self.cfg.get("smooth_vo", True))
+        alpha, smooth_vo = self.cfg["alpha"], self.cfg["smooth_vo"]
         a = ctx.adapter
         blocks = a.blocks()
         watch = {}

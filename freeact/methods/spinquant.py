@@ -45,16 +45,7 @@ from ..transforms.cayley import CayleySGD
 from ..transforms.hadamard import random_hadamard_matrix
 from ..transforms.rotation import check_orthogonal, rotate_input_side, rotated_block_params
 from .base import QuantContext, register_method
-from .quarot import QUAROT_DEFAULTS, RotationMethod, _flag
-
-SPINQUANT_DEFAULTS = {
-    **QUAROT_DEFAULTS,
-    "act_clip_ratio": None, "act_symmetric": False, "kv_clip_ratio": None,  # SpinQuant's --a_asym, no clip
-    "o_online": "none",  # SpinQuant has no online rotation on o_proj's input
-    "steps": 20, "lr": 1.5, "momentum": 0.0, "train_batch_size": None, "train_weight_quant": "auto",
-    "save_rotations": None, "load_rotations": None,
-}
-
+from .quarot import RotationMethod, _flag
 
 # ------------------------------------------------------------------------------- loss
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +198,7 @@ def load_rotations(path, adapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
 # ------------------------------------------------------------------------------- method
 @register_method("spinquant")
 class SpinQuant(RotationMethod):
-    defaults = SPINQUANT_DEFAULTS
+    """Settings: :class:`~freeact.method_settings.SpinQuantSettings`."""
 
     def rotations(self, ctx: QuantContext):
         a, cfg, seed = ctx.adapter, self.cfg, self.seed(ctx)
@@ -218,9 +209,7 @@ class SpinQuant(RotationMethod):
         else:
             R1 = random_hadamard_matrix(a.hidden_size, seed=seed)
             R2 = [random_hadamard_matrix(a.head_dim, seed=seed + 1 + i) for i in range(len(a.layers()))]
-            steps = int(cfg.get("steps", 0))
-            if steps < 0:
-                raise ValueError(f"steps must be >= 0, got {steps}")
+            steps = cfg["steps"]
             if steps:
                 train_wq = _flag(cfg.get("train_weight_quant", "auto"), cfg.get("weight_algo") == "rtn",
                                  "train_weight_quant")

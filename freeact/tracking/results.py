@@ -7,6 +7,8 @@ parallel runs (joblib / SLURM array jobs on a shared disk) do not interleave.
 from __future__ import annotations
 
 import fcntl
+import json
+import sys
 import os
 import tempfile
 from contextlib import contextmanager
@@ -56,6 +58,7 @@ def append_row(path: str | os.PathLike, row: dict, allow_duplicate: bool = False
         df = pd.concat([old, pd.DataFrame([row])], ignore_index=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: a shared results file follows the umask
             with os.fdopen(fd, "w") as f:
                 df.to_csv(f, index=False)
                 f.flush()
@@ -66,6 +69,12 @@ def append_row(path: str | os.PathLike, row: dict, allow_duplicate: bool = False
                 os.unlink(tmp)
             raise
     return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _has_ok_row(df: pd.DataFrame, run_hash: str) -> bool:
@@ -79,3 +88,17 @@ def find_row(path: str | os.PathLike, run_hash: str) -> dict | None:
     if not _has_ok_row(df, run_hash):
         return None
     return df[df["run_hash"] == run_hash].iloc[-1].to_dict()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m freeact.tracking.results ROW_JSON RESULTS_CSV``: append a row a run had to keep in its
+    run folder (``row.json``: the results file could not be written then)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        sys.exit("usage: python -m freeact.tracking.results ROW_JSON RESULTS_CSV")
+    row = json.loads(Path(args[0]).read_text())
+    print("appended" if append_row(args[1], row) else f"not appended: {row.get('run_hash')} is already in {args[1]}")
+
+
+if __name__ == "__main__":
+    main()
