@@ -57,7 +57,7 @@ class Refused(Exception):
 
 
 def lower_is_better(metric: str) -> bool:
-    return any(s in metric for s in ("ppl", "nll", "loss", "err", "bpb"))
+    return any(s in metric for s in ("ppl", "nll", "loss", "err", "bpb", "seconds", "memory", "_mb"))
 
 
 def load(paths: list[str], tag: str | None = None, last: int | None = None) -> pd.DataFrame:

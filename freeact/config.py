@@ -356,7 +356,11 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     try:
         widths = model_widths(m)
     except (OSError, KeyError, TypeError) as e:
-        raise ConfigError(f"model: cannot read the architecture of {m.name}: {e}") from None
+        if os.environ.get("HF_HUB_OFFLINE") and m.source == "pretrained" and not _is_local(m.path):
+            raise ConfigError(f"model.path={m.path} is not in the Hugging Face cache and the hub cannot be reached "
+                              "(offline): download it where there is a network, or set model.path to a local "
+                              "copy") from None
+        raise ConfigError(f"model: cannot read the architecture of {m.name}: {' '.join(str(e).split())}") from None
     for key, s in specs.items():
         if s.enabled and s.granularity == "group":
             dims = [widths["head_dim"]] if key == "kv" else [widths["hidden"], widths["intermediate"]]

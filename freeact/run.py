@@ -10,8 +10,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from urllib.parse import urlparse
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,9 +25,23 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .config import ConfigError, config_hash, validate
 
-# No network (a cluster node, an air-gapped machine): fail in seconds, not after long hub timeouts.
-os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+
+def hub_offline_without_network(timeout: float = 2.0) -> bool:
+    """Without a network (a cluster node, an air-gapped machine) the hub client retries each request with
+    back-off for ~25 s before failing; when the hub's host does not resolve, run offline (the local cache
+    only) instead. Sets ``HF_HUB_OFFLINE=1`` before any hub library is imported; True if it did."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout)
+            return False
+        except (OSError, FutureTimeout):
+            pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return True
 
 log = logging.getLogger("freeact")
 
@@ -72,6 +90,7 @@ def save_row(results: str, row: dict, run_dir: str, force: bool) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     logging.captureWarnings(True)
+    hub_offline_without_network()
     try:
         specs = validate(cfg, explicit_method_keys())
     except ConfigError as e:

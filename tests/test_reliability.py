@@ -3,6 +3,7 @@ finished row never lost, typed method settings, experiment-wide settings only wh
 import dataclasses
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def run_cli(args, cwd, code=None, timeout=300):
     ("method=flatquant +method.epocs=15", "method.epocs is not a setting of flatquant (did you mean method.epochs?)"),
     ("++method.epochs=15", "method.epochs is not a setting of rtn"),
     ("method=freeact method.amp=fp8", "method.amp='fp8' must be one of"),
+    ("model=llada_8b", "model.path=GSAI-ML/LLaDA-8B-Instruct is not in the Hugging Face cache"),
 ])
 def test_bad_value_one_line_exit_2_no_row_no_run_folder(tmp_path, override, message):
     results = tmp_path / "res" / "runs.csv"
@@ -53,7 +55,7 @@ def test_bad_value_one_line_exit_2_no_row_no_run_folder(tmp_path, override, mess
     assert len(err.splitlines()) == 1 and err.startswith("freeact: invalid config: ") and message in err, err
     assert not results.exists() and not (tmp_path / "res").exists()
     assert not (tmp_path / "out").exists()  # no run folder (nor the folder above it) left behind
-    assert seconds < 3 or "device" in override, seconds  # cheap checks: before torch is imported
+    assert seconds < 3 or override.startswith(("device", "model")), seconds  # cheap checks: before torch loads
 
 
 def test_device_must_exist(compose):
@@ -84,6 +86,19 @@ def test_row_kept_when_the_results_file_cannot_be_written_at_the_end(tmp_path):
                     str(results)], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True)
     assert read_rows(results)["run_hash"].tolist() == [row["run_hash"]]
     assert "freeact: tiny_llada rtn w4a4" in (tmp_path / "run" / "run.log").read_text()  # the run's log
+
+
+def test_ctrl_c_ends_with_one_line_and_no_row(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    p = subprocess.Popen([sys.executable, "-m", "freeact.run", "method=flatquant", "method.epochs=10000", *FAST,
+                          f"results_file={tmp_path}/r.csv", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)  # loading, calibration, then training for much longer than this
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("freeact: interrupted; finished runs are in ")
+    assert "Traceback" not in err and not (tmp_path / "r.csv").exists()
 
 
 def test_results_file_follows_the_umask(tmp_path):
@@ -148,7 +163,7 @@ def test_all_methods_goes_only_where_a_method_has_the_key(compose):
     validate(rtn)
     validate(flat)
     assert "epochs" not in rtn.method and "all_methods" not in rtn and flat.method.epochs == 15
-    assert flat.method.amp == "auto" and flat.method.label == "flatquant"
+    assert flat.method.amp == "off" and flat.method.label == "flatquant"  # the study trains in float32
     # RTN's identity does not depend on an epochs setting it does not have
     rtn5 = compose(["model=testbed_dllm", "+experiment=repro_testbed_dllm", "method=rtn", "++all_methods.epochs=5"])
     validate(rtn5)
