@@ -150,10 +150,11 @@ def calib_set(name: str, model, nsamples: int, seqlen: int, seed: int = 0) -> Ca
     return CalibSet(ids, ids)
 
 
-def method_cfg(method: str, model_name: str, epochs: int) -> dict:
+def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off") -> dict:
     cfg = dict(METHODS[method])
     if method in LEARNED:
         cfg["epochs"] = epochs
+        cfg["amp"] = amp
     if method == "freeact" and MODELS[model_name]["family"] == "causal_qwen2":
         cfg["token_types"] = [{"name": "image", "ids": [IMAGE_TOKEN]}, "text"]
     return cfg
@@ -296,7 +297,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     q = QuantSettings(QuantSpec(bits=4), QuantSpec(bits=4), QuantSpec(bits=16, symmetric=False))
     ctx = QuantContext(model, adapter, q, calib, device=dev, batch_size=4, seed=0, progress=args.progress,
                        streaming=streaming, stream_cache="device")
-    cfg = method_cfg(method, model_name, args.epochs)
+    cfg = method_cfg(method, model_name, args.epochs, args.amp)
     with LayerTimeline(adapter) as tl, StepClock(cuda) as clock:
         info = get_method(method, cfg).apply(ctx)
         tl.stop()
@@ -322,7 +323,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
     common = dict(base, bench="cost", model=model_name, method=method, tokens=args.nsamples * args.seqlen,
                   shape=f"{args.nsamples}x{args.seqlen}, layers timed {k}/{L}")
-    note = f"streaming={streaming} {args.tf32_state} epochs={cfg.get('epochs', '-')} batch=4"
+    note = f"streaming={streaming} {args.tf32_state} amp={cfg.get('amp', '-')} epochs={cfg.get('epochs', '-')} batch=4"
     rows = [dict(common, metric="calib_wall_s_measured", value=round(wall, 2), unit="s", note=note),
             dict(common, metric="calib_prefix_s", value=round(tl.prefix(), 2), unit="s",
                  note="before the first layer: capture, fusions, rotations"),
@@ -402,6 +403,8 @@ def main(argv=None) -> None:
     ap.add_argument("--streaming", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--tf32", choices=("on", "off"), default="off",
                     help="TF32 matmuls (the learned methods train in float32)")
+    ap.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
+                    help="block training precision of the learned methods (method.amp)")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip what starts after this many seconds")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 sequences unless given, 1 layer")
     ap.add_argument("--progress", action="store_true")
