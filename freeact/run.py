@@ -71,7 +71,7 @@ def remove_run_folder() -> None:
             break
 
 
-def save_row(results: str, row: dict, run_dir: str, force: bool) -> None:
+def save_row(results: str, row: dict, run_dir: str, force: bool, existed: bool = False) -> None:
     from .tracking.results import append_row
 
     try:
@@ -82,7 +82,7 @@ def save_row(results: str, row: dict, run_dir: str, force: bool) -> None:
         log.error(f"freeact: cannot write {results} ({e.strerror or e}); the row is kept in {fallback} "
                   f"(append it with: python -m freeact.tracking.results {fallback} {results})")
         return
-    if not written:
+    if not written and not existed:
         log.info(f"freeact: {row['run_hash']} is already in {results} (written meanwhile by a job with the same "
                  "config): row not duplicated")
 
@@ -118,7 +118,8 @@ def _run(cfg: DictConfig, specs: dict) -> None:
             cfg.quant[key].bits = 16
     results = to_absolute_path(cfg.results_file)
     run_hash = config_hash(cfg)
-    if not cfg.force and find_row(results, run_hash) is not None:
+    existed = not cfg.force and find_row(results, run_hash) is not None
+    if existed:
         why = (f" ({cfg.method.name} quantizes nothing, so every bit setting is this same run)"
                if not quantizes else "")
         if not cfg.save_model:
@@ -136,7 +137,7 @@ def _run(cfg: DictConfig, specs: dict) -> None:
         from .tracking.wandb_logger import log_to_wandb
 
         row["wandb_dir"] = log_to_wandb(row, OmegaConf.to_container(cfg, resolve=True), cfg.logger, run_dir)
-    save_row(results, row, run_dir, cfg.force)
+    save_row(results, row, run_dir, cfg.force, existed)
     config_keys = set(flatten(cfg))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
              if k not in config_keys and isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -15,7 +15,7 @@ from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
 from freeact.kernels.act_quant import FusedInputQuantizer, kernel_tiling, kron_spec, triton_supports
-from freeact.kernels.hadamard import sylvester_factors
+from freeact.transforms.hadamard import sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
 from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.streaming import LayerStreamer, LayerTimeline, active_streamer

@@ -168,3 +168,21 @@ def test_all_methods_goes_only_where_a_method_has_the_key(compose):
     rtn5 = compose(["model=testbed_dllm", "+experiment=repro_testbed_dllm", "method=rtn", "++all_methods.epochs=5"])
     validate(rtn5)
     assert config_hash(rtn) == config_hash(rtn5)
+
+
+def test_save_model_on_an_existing_row_computes_again_and_reloads_to_the_same_metrics(tmp_path):
+    args = ["method=flatquant", "save_model=true", *FAST, f"results_file={tmp_path}/r.csv"]
+    for run in ("a", "b"):
+        res, _ = run_cli([*args, f"hydra.run.dir={tmp_path}/{run}"], tmp_path)
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / run / "quantized.pt").exists()
+    assert "computing it again to save the model" in res.stdout
+    rows = read_rows(tmp_path / "r.csv")
+    assert len(rows) == 1
+    import freeact
+    from freeact.eval import evaluate
+    from freeact.models import get_adapter
+
+    model, tok, cfg = freeact.load_quantized(tmp_path / "b")
+    metrics = evaluate(model, get_adapter(model), tok, cfg.eval, device="cpu", progress=False)
+    assert metrics["wiki.nll"] == pytest.approx(rows["wiki.nll"].iloc[0], rel=1e-9)

@@ -451,7 +451,7 @@ def kron_spec(transform) -> dict | None:
         return {"P_l": inner.act_0, "P_r": inner.act_1, "in_scale": inner.inv_scale, "masks": masks,
                 "token_types": token_types, "out_mul": 1.0, "split_z": False}
     if isinstance(inner, OnlineHadamard) and masks is None:
-        from .hadamard import sylvester_factors
+        from ..transforms.hadamard import sylvester_factors
 
         n = inner.n
         if n & (n - 1) or n < 4:

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..transforms.hadamard import fast_hadamard_transform, hadamard_matrix
+from ..transforms.hadamard import _sylvester_pair, fast_hadamard_transform, sylvester_factors  # noqa: F401
 from .act_quant import KronActQuant, _pick_backend
 
 __all__ = ["MAX_N", "sylvester_factors", "hadamard_transform"]
@@ -31,24 +31,8 @@ MAX_N = 16384
 @functools.lru_cache(maxsize=None)
 def _op(n: int) -> KronActQuant:
     """The transform-only Kronecker op of width ``n`` (operands cached per dtype and device)."""
-    H_a, H_b = _factors(n)
+    H_a, H_b = _sylvester_pair(n)
     return KronActQuant(H_a, H_b, out_mul=1.0 / math.sqrt(n), split_z=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _factors(n: int) -> tuple[Tensor, Tensor]:
-    k = n.bit_length() - 1
-    a, b = 1 << (k // 2), 1 << (k - k // 2)
-    return (hadamard_matrix(a) * math.sqrt(a)).round(), (hadamard_matrix(b) * math.sqrt(b)).round()
-
-
-def sylvester_factors(n: int) -> tuple[Tensor, Tensor]:
-    """``(H_a, H_b)``: unnormalized +-1 Sylvester matrices (float64) with ``H_n = H_a (x) H_b``,
-    ``a <= b`` the most square power-of-two split of ``n``."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"n must be a power of two, got {n}")
-    H_a, H_b = _factors(int(n))
-    return H_a.clone(), H_b.clone()
 
 
 def hadamard_transform(x: Tensor, backend: str = "auto") -> Tensor:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .sharding import shard_groups
+
 SPEC_FILE = "composed.json"
 TRAINED_STEM = "trained"
 
@@ -62,8 +64,6 @@ def save_trained(tensors: dict[str, torch.Tensor], path: str | os.PathLike, max_
     (unless one tensor is larger); removes older trained files in ``path``."""
     from safetensors.torch import save_file
 
-    from .loading import shard_groups
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for f in trained_files(path):
@@ -83,11 +83,11 @@ def rename(name: str, prefix_map: dict[str, str]) -> str | None:
     return None
 
 
-def load_base(spec: dict, dtype: torch.dtype):
-    from .loading import load_pretrained
-
+def load_base(spec: dict, dtype: torch.dtype, load_base_model):
+    """The base model named in ``spec``, loaded with ``load_base_model(family, path, dtype, gguf_file=...)``
+    (:func:`freeact.models.loading.load_pretrained`, passed in: this module does not import the loader)."""
     b = spec["base"]
-    return load_pretrained(b.get("family", "causal"), b["path"], dtype, gguf_file=b.get("gguf_file"))
+    return load_base_model(b.get("family", "causal"), b["path"], dtype, gguf_file=b.get("gguf_file"))
 
 
 @torch.no_grad()
@@ -146,8 +146,9 @@ def compose(model: torch.nn.Module, base_state: dict[str, torch.Tensor], trained
     return model
 
 
-def load_composed(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Module:
-    """The model of a composed checkpoint directory (see the module docstring)."""
+def load_composed(path: str | os.PathLike, dtype: torch.dtype, load_base_model) -> torch.nn.Module:
+    """The model of a composed checkpoint directory (see the module docstring); ``load_base_model``
+    loads its base (:func:`freeact.models.loading.load_pretrained`)."""
     import transformers
 
     spec = read_spec(path)
@@ -160,7 +161,7 @@ def load_composed(path: str | os.PathLike, dtype: torch.dtype) -> torch.nn.Modul
         model = cls.from_config(config, dtype=torch.float32)
     else:
         model = cls._from_config(config, dtype=torch.float32)
-    base = load_base(spec, torch.float32)
+    base = load_base(spec, torch.float32, load_base_model)
     compose(model, base.state_dict(), load_trained(path), spec["base_prefix"], spec.get("lora_scale", 1.0))
     del base
     return model.to(dtype).eval()

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+from .sharding import shard_groups
 from ..paths import PKG_SCHEME, resolve_path  # noqa: F401  (re-exported)
 from .dllm import DreamConfig, DreamModelLM, LLaDAConfig, LLaDAModelLM
 
@@ -219,10 +220,10 @@ def load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str |
 
 def _load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str | None, trust_remote_code: bool):
     remote = {"trust_remote_code": True} if trust_remote_code else {}
-    from .composed import is_composed, load_composed
+    from .composed import is_composed, load_composed  # composed models: transformers only when needed
 
     if is_composed(path):  # ships only its trained tensors; the rest comes from a base model
-        return load_composed(path, dtype)
+        return load_composed(path, dtype, load_base_model=load_pretrained)
     if family == "vlm":
         from transformers import AutoModelForImageTextToText
 
@@ -240,20 +241,6 @@ def _load_pretrained(family: str, path: str, dtype: torch.dtype, gguf_file: str 
         model.hf_quantizer = None
         model.config.quantization_config = None
     return model
-
-
-def shard_groups(tensors: dict, max_shard_mb: float) -> list[dict]:
-    """``tensors`` split, in order, into groups of at most ``max_shard_mb`` MB each (a tensor larger
-    than that gets a group of its own): the files of a sharded checkpoint."""
-    shards, size = [{}], 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if shards[-1] and size + nbytes > max_shard_mb * 1e6:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    return shards
 
 
 def _rope_theta(c) -> float:

@@ -270,3 +270,19 @@ class OnlineHadamard(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, block_size={self.block_size}, seed={self.seed}, backend={self.backend!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def _sylvester_pair(n: int) -> tuple[Tensor, Tensor]:
+    k = n.bit_length() - 1
+    a, b = 1 << (k // 2), 1 << (k - k // 2)
+    return (hadamard_matrix(a) * math.sqrt(a)).round(), (hadamard_matrix(b) * math.sqrt(b)).round()
+
+
+def sylvester_factors(n: int) -> tuple[Tensor, Tensor]:
+    """``(H_a, H_b)``: unnormalized +-1 Sylvester matrices (float64) with ``H_n = H_a (x) H_b``,
+    ``a <= b`` the most square power-of-two split of ``n``."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"n must be a power of two, got {n}")
+    H_a, H_b = _sylvester_pair(int(n))
+    return H_a.clone(), H_b.clone()
