@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..quant.act import InputQuantizer, attach_input_quantizer
-from ..quant.quantizer import QuantSpec, fake_quant
+from ..quant.quantizer import QuantSpec, fake_quant, quantize
 from ..transforms.affine import kron_matmul
 
 try:  # Triton is optional: without it (or without CUDA) everything runs the eager path
@@ -169,10 +169,8 @@ def act_quant_int8_eager(x: Tensor, P_l: Tensor, P_r: Tensor, masks=None, types=
     if bits > 8:
         raise ValueError(f"int8 codes need bits <= 8, got {bits}")
     y = _transform_eager(x.reshape(-1, d), P_l, P_r, masks, types, in_scale, out_mul).float()
-    qmax = 2 ** (bits - 1) - 1
-    s = (y.abs().amax(-1) * float(clip) / qmax).clamp(min=1e-8)
-    q = torch.clamp(torch.round(y / s[:, None]), -qmax - 1, qmax).to(torch.int8)
-    return q, s
+    qt = quantize(y, QuantSpec(bits=int(bits), symmetric=True, granularity="row"), clip=float(clip))
+    return qt.q, qt.scale.squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- Triton kernel

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..quant.quantizer import QuantSpec, quantize
 from .act_quant import KronActQuant, kron_spec, triton, tl
 
 __all__ = ["quantize_rows_int8", "int_mm", "int_mm_reference", "int8_matmul", "Int8Linear"]
@@ -31,10 +32,8 @@ MM_BACKENDS = ("auto", "triton", "torch", "reference")
 
 def quantize_rows_int8(x: Tensor, clip: float = 1.0) -> tuple[Tensor, Tensor]:
     """Symmetric int8 codes per row (last dim) and float32 scales: ``x ~= q * s[..., None]``."""
-    xf = x.float()
-    s = (xf.abs().amax(-1) * float(clip) / 127.0).clamp(min=1e-8)
-    q = torch.clamp(torch.round(xf / s.unsqueeze(-1)), -128, 127).to(torch.int8)
-    return q, s
+    qt = quantize(x.float(), QuantSpec(bits=8, symmetric=True, granularity="row"), clip=float(clip))
+    return qt.q, qt.scale.squeeze(-1)
 
 
 def int_mm_reference(a: Tensor, b: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import QuantSpec, _qrange, _scale_zero, search_clip
+from .quantizer import QuantSpec, _scale_zero, search_clip, to_grid
 
 
 class HessianAccumulator:
@@ -72,7 +72,6 @@ def gptq_quantize_weight(
     H += damp * torch.mean(torch.diag(H)) * torch.eye(ncol, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    lo, hi = _qrange(spec)
     Q = torch.zeros_like(W)
     for i1 in range(0, ncol, block_size):
         i2 = min(i1 + block_size, ncol)
@@ -83,7 +82,7 @@ def gptq_quantize_weight(
             col = W1[:, i]
             scale, zero = params[int(perm[i1 + i]) // group]
             s, z = scale[:, 0], zero[:, 0]
-            q = (torch.clamp(torch.round(col / s) + z, lo, hi) - z) * s
+            q = (to_grid(col, s, z, spec) - z) * s
             Q[:, i1 + i] = q
             err = (col - q) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

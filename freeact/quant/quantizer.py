@@ -72,12 +72,20 @@ def _qrange(spec: QuantSpec) -> tuple[int, int]:
     return 0, 2**spec.bits - 1
 
 
+def to_grid(x: torch.Tensor, scale, zero, spec: QuantSpec, ste: bool = False) -> torch.Tensor:
+    """The integer codes of ``x`` on the grid ``(scale, zero)`` of ``spec``: ``clamp(round(x / scale) + zero,
+    qmin, qmax)`` (as floats). The one rounding rule of the project: fake quant (``ste=True``: straight-through
+    gradient), integer codes, GPTQ's columns and the kernels' eager references all call it."""
+    lo, hi = _qrange(spec)
+    r = round_ste(x / scale) if ste else torch.round(x / scale)
+    return torch.clamp(r + zero, lo, hi)
+
+
 def quantize(x: torch.Tensor, spec: QuantSpec, clip=None) -> QTensor:
     """Integer codes of ``x`` (no gradient tricks; use :func:`fake_quant` for training)."""
     xg = _grouped(x, spec)
     scale, zero = _scale_zero(xg, spec, clip)
-    lo, hi = _qrange(spec)
-    q = torch.clamp(torch.round(xg / scale) + zero, lo, hi)
+    q = to_grid(xg, scale, zero, spec)
     if spec.bits <= 8:
         dtype = torch.int8 if spec.symmetric else torch.uint8
     else:
@@ -91,8 +99,7 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
         return x
     xg = _grouped(x, spec)
     scale, zero = _scale_zero(xg, spec, clip)
-    lo, hi = _qrange(spec)
-    q = torch.clamp(round_ste(xg / scale) + zero, lo, hi)
+    q = to_grid(xg, scale, zero, spec, ste=True)
     return ((q - zero) * scale).reshape(x.shape)
 
 
