@@ -49,7 +49,7 @@ def _is_tied(model) -> bool:
 
 def load_quantized(path: str | Path, device: str | None = None):
     """Rebuild a saved quantized model. Returns ``(model, tokenizer, config)``."""
-    from .experiment import load_model, pick_device
+    from .models.loading import load_model, pick_device
 
     path = Path(path)
     payload = torch.load(path / FILE if path.is_dir() else path, map_location="cpu", weights_only=False)

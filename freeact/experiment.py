@@ -16,28 +16,8 @@ from .data.calib import build_calib_set
 from .eval import evaluate
 from .methods import QuantContext, QuantSettings, get_method
 from .models import get_adapter
-from .models.loading import (build_tiny, default_tokenizer_dir, load_pretrained, load_tokenizer, resolve_dtype,
-                             resolve_path)
+from .models.loading import default_tokenizer_dir, load_model, pick_device, resolve_path  # noqa: F401
 from .tracking.results import flatten
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def load_model(mcfg, device: str, seed: int = 0):
-    dtype = resolve_dtype(mcfg.dtype, device)
-    if mcfg.source == "tiny":
-        tok = load_tokenizer(mcfg.tokenizer or default_tokenizer_dir(mcfg.family))
-        model = build_tiny(mcfg.family, OmegaConf.to_container(mcfg.arch), tok, seed=seed).to(dtype)
-    else:
-        remote = bool(mcfg.get("trust_remote_code", False))
-        tok = load_tokenizer(mcfg.tokenizer or mcfg.path, gguf_file=None if mcfg.tokenizer else mcfg.gguf_file,
-                             trust_remote_code=remote)
-        model = load_pretrained(mcfg.family, mcfg.path, dtype, gguf_file=mcfg.gguf_file, trust_remote_code=remote)
-    return model.to(device).eval(), tok
 
 
 def load_model_processor(mcfg):

@@ -23,7 +23,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the schemas)
-from .config import ConfigError, config_hash, validate
+from .config import ConfigError, config_hash
+from .validate import validate
 
 
 

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from freeact.config import ConfigError, validate
+from freeact.config import ConfigError
+from freeact.validate import validate
 from freeact.data import sources
 from freeact.data.calib import build_calib_set
 from freeact.data.sources import HFSpec, SourceError, parse_hf

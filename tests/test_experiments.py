@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import missing, skip_reason
 
-from freeact.config import validate
+from freeact.validate import validate
 from freeact.data.easy_vqa import is_easy_vqa
 
 CONF = Path(__file__).resolve().parent.parent / "conf"

@@ -225,7 +225,8 @@ def test_code_task_executes_with_a_time_limit():
 
 # -- config ---------------------------------------------------------------------------------
 def test_harness_config_validates_and_runs_through_the_experiment(compose, tmp_path, monkeypatch):
-    from freeact.config import ConfigError, validate
+    from freeact.config import ConfigError
+    from freeact.validate import validate
 
     validate(compose(["eval=harness"]))
     with pytest.raises(ConfigError, match="eval: block_length=5 must divide gen_length=32"):

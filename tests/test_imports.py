@@ -58,3 +58,11 @@ def test_the_graph_walker_finds_a_cycle():
 def test_no_import_cycle_in_freeact():
     cycle = find_cycle(module_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_config_layer_and_artifacts_stand_alone():
+    graph = module_graph()
+    config = {m for m in graph if m == "freeact.config" or m.startswith("freeact.config.")}
+    outside = {(m, d) for m in config for d in graph[m] if d not in config}
+    assert not outside, f"the config package imports the rest of the project: {sorted(outside)}"
+    assert "freeact.experiment" not in graph["freeact.artifacts"]

@@ -419,7 +419,7 @@ def test_offline_benchmark_scores_the_models_own_answers(make_vlm, processor, re
 
 
 def test_run_writes_multimodal_metrics(compose, tmp_path, monkeypatch):
-    from freeact.config import validate
+    from freeact.validate import validate
     from freeact.experiment import run_experiment
 
     monkeypatch.setenv("FREEACT_CACHE", str(tmp_path))
@@ -439,7 +439,8 @@ def test_run_writes_multimodal_metrics(compose, tmp_path, monkeypatch):
 
 
 def test_multimodal_data_needs_a_vlm(compose):
-    from freeact.config import ConfigError, validate
+    from freeact.config import ConfigError
+    from freeact.validate import validate
 
     with pytest.raises(ConfigError, match="eval.kind=multimodal needs a vision-language model"):
         validate(compose(["model=tiny_llama", "eval=mm_synthetic"]))

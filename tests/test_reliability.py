@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from freeact.config import ConfigError, config_hash, validate
-from freeact.method_settings import (FAMILY_TYPE_NAMES, SETTINGS, FreeActSettings, SettingsError, apply_all_methods,
+from freeact.config import ConfigError, config_hash
+from freeact.validate import validate
+from freeact.config.methods import (FAMILY_TYPE_NAMES, SETTINGS, FreeActSettings, SettingsError, apply_all_methods,
                                      parse_settings)
 from freeact.tracking.results import append_row, read_rows
 

@@ -412,7 +412,8 @@ def test_rotations_beat_rtn_on_planted_outliers(tokenizer, corpus, kind):
 # ------------------------------------------------------------------------------ configs end to end
 @pytest.mark.parametrize("method", ["quarot", "spinquant", "smoothquant"])
 def test_configs_run_end_to_end(compose, corpus, method, tmp_path):
-    from freeact.config import config_hash, validate
+    from freeact.config import config_hash
+    from freeact.validate import validate
     from freeact.experiment import run_experiment
 
     over = [f"method={method}", "model=tiny_dream", "quant=w4a4kv4", "progress=false", "calib.nsamples=4",

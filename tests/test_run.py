@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from freeact.config import ConfigError, config_hash, validate
+from freeact.config import ConfigError, config_hash
+from freeact.validate import validate
 from freeact.tracking.results import append_row, find_row, read_rows
 
 REPO = Path(__file__).resolve().parent.parent

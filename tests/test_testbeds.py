@@ -10,7 +10,8 @@ import torch
 from conftest import requires_easy_vqa, requires_real
 from hydra import compose, initialize_config_dir
 
-from freeact.config import ConfigError, validate
+from freeact.config import ConfigError
+from freeact.validate import validate
 from freeact.data.text import read_text, token_stream
 from freeact.eval.elbo import elbo
 from freeact.experiment import load_model

@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
 from freeact import config as _config  # noqa: E402,F401  (registers the config schemas)
-from freeact.config import config_hash, validate  # noqa: E402
+from freeact.config import config_hash  # noqa: E402
+from freeact.validate import validate  # noqa: E402
 from freeact.data.text import chunks, mask_tokens, random_windows, read_text, token_stream  # noqa: E402
 from freeact.experiment import git_commit, load_model, run_experiment  # noqa: E402
 from freeact.analysis import activation_stats  # noqa: E402

@@ -228,7 +228,7 @@ def _opt(ecfg, key: str, default=None):
 
 def check_task_settings(ecfg) -> None:
     """Raise ValueError on task settings of an ``eval`` config that cannot run (checked before
-    any compute by :func:`freeact.config.validate`)."""
+    any compute by :func:`freeact.validate.validate`)."""
     from .sampling import REMASKING, SCHEDULES, check_sampling, check_schedule
 
     tasks = list(_opt(ecfg, "tasks") or [])

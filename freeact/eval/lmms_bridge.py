@@ -29,7 +29,7 @@ suite's data must be reachable: a Hugging Face cache that holds its ``dataset_pa
 a task YAML directory through ``include_path``::
 
     from hydra import compose, initialize_config_dir
-    from freeact.config import validate
+    from freeact.validate import validate
     from freeact.eval.lmms_bridge import run_lmms_eval
     from freeact.experiment import load_model_processor, run_experiment
     from freeact.methods import method_names

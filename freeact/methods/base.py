@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.calib import CalibSet
-from ..method_settings import as_dict, parse_settings
+from ..config.methods import as_dict, parse_settings
 from ..models.adapter import ModelAdapter
 from ..quant.act import InputQuantizer, attach_input_quantizer, set_act_quant
 from ..quant.gptq import HessianAccumulator, gptq_quantize_weight
@@ -104,8 +104,8 @@ class Method:
     quantizes = True
 
     def __init__(self, cfg: dict | None = None):
-        """``cfg``: the method's settings (``freeact.method_settings``); missing keys take their defaults,
-        unknown keys and bad values raise :class:`~freeact.method_settings.SettingsError`."""
+        """``cfg``: the method's settings (``freeact.config.methods``); missing keys take their defaults,
+        unknown keys and bad values raise :class:`~freeact.config.methods.SettingsError`."""
         self.settings = parse_settings({**(cfg or {}), "name": self.name})
         self.cfg = as_dict(self.settings)
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from ..method_settings import NONFINITE_MODES
+from ..config.methods import NONFINITE_MODES
 from ..quant.kv import IMPL
 from ..transforms.typed import TypeCovariance
 from .blockwise import capture_inputs, capture_layer0_inputs, layer_output

@@ -136,7 +136,7 @@ class LayerTransforms:
 
 @register_method("flatquant")
 class FlatQuant(Method):
-    """See the module docstring; settings: :class:`~freeact.method_settings.FlatQuantSettings`."""
+    """See the module docstring; settings: :class:`~freeact.config.methods.FlatQuantSettings`."""
 
     loss_by_type = False
 

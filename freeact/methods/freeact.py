@@ -77,7 +77,7 @@ def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
 
 @register_method("freeact")
 class FreeAct(FlatQuant):
-    """See the module docstring; settings: :class:`~freeact.method_settings.FreeActSettings`."""
+    """See the module docstring; settings: :class:`~freeact.config.methods.FreeActSettings`."""
 
     loss_by_type = True
 

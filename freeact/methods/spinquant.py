@@ -198,7 +198,7 @@ def load_rotations(path, adapter) -> tuple[torch.Tensor, list[torch.Tensor]]:
 # ------------------------------------------------------------------------------- method
 @register_method("spinquant")
 class SpinQuant(RotationMethod):
-    """Settings: :class:`~freeact.method_settings.SpinQuantSettings`."""
+    """Settings: :class:`~freeact.config.methods.SpinQuantSettings`."""
 
     def rotations(self, ctx: QuantContext):
         a, cfg, seed = ctx.adapter, self.cfg, self.seed(ctx)

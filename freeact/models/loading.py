@@ -322,3 +322,27 @@ def save_dream_checkpoint(model: DreamModelLM, path: str | os.PathLike) -> None:
         cfg["pad_token_id"] = c.eos_token_id
     cfg.pop("rope_parameters", None)  # the official (transformers 4.x) code reads rope_theta/rope_scaling
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+# ----------------------------------------------------------------------------- a run's model
+def pick_device(name: str) -> str:
+    """``auto`` -> cuda when there is one, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_model(mcfg, device: str, seed: int = 0):
+    """The model and tokenizer a run's ``model`` config names (tiny random, hub id, local path, ``pkg://``)."""
+    from omegaconf import OmegaConf
+
+    dtype = resolve_dtype(mcfg.dtype, device)
+    if mcfg.source == "tiny":
+        tok = load_tokenizer(mcfg.tokenizer or default_tokenizer_dir(mcfg.family))
+        model = build_tiny(mcfg.family, OmegaConf.to_container(mcfg.arch), tok, seed=seed).to(dtype)
+    else:
+        remote = bool(mcfg.get("trust_remote_code", False))
+        tok = load_tokenizer(mcfg.tokenizer or mcfg.path, gguf_file=None if mcfg.tokenizer else mcfg.gguf_file,
+                             trust_remote_code=remote)
+        model = load_pretrained(mcfg.family, mcfg.path, dtype, gguf_file=mcfg.gguf_file, trust_remote_code=remote)
+    return model.to(device).eval(), tok

@@ -1,5 +1,7 @@
-"""Config schemas (registered in Hydra's ConfigStore) and the checks a config must pass before
-any compute starts. Every failure is a :class:`ConfigError` whose message names the key."""
+"""The checks a composed config must pass before any compute: every key known, every value typed and in
+range, files, packages and the hub reachable, the results file writable, the device there. The first
+failure raises :class:`~freeact.config.ConfigError` with one line naming the key. Cheap checks come first,
+so a bad value is reported before torch is imported."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,118 +10,15 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Iterable
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .method_settings import (SETTINGS, FreeActSettings, MethodSettings, SettingsError, apply_all_methods,
-                              as_dict, parse_settings)
+from .config import SCHEMAS, ConfigError, QuantSpecConfig
+from .config.methods import (FreeActSettings, MethodSettings, SettingsError, apply_all_methods, as_dict,
+                             parse_settings)
 from .quant.spec import GRANULARITIES, QuantSpec
-
-
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass
-class QuantSpecConfig:
-    bits: int = 16
-    symmetric: bool = True
-    granularity: str = "row"
-    group_size: int = 128
-    clip_ratio: float = 1.0
-
-
-@dataclass
-class QuantConfig:
-    name: str = MISSING
-    weight: QuantSpecConfig = field(default_factory=QuantSpecConfig)
-    act: QuantSpecConfig = field(default_factory=QuantSpecConfig)
-    kv: QuantSpecConfig = field(default_factory=lambda: QuantSpecConfig(symmetric=False))
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    family: str = "causal"  # causal | llada | dream | vlm
-    source: str = "tiny"  # tiny | pretrained
-    path: Optional[str] = None  # hub id or local directory (source=pretrained)
-    gguf_file: Optional[str] = None
-    tokenizer: Optional[str] = None  # default: the checkpoint's, or the shipped one for tiny models
-    dtype: str = "auto"
-    arch: Any = field(default_factory=dict)  # architecture dims for source=tiny
-    quantize_vision: bool = False  # vlm: also RTN-quantize the vision tower and projector
-    # issue 14: run the checkpoint's own code (tokenizer/model classes named in its auto_map), e.g.
-    # Dream's tokenizer on the hub; off by default, named in the error when a checkpoint needs it
-    trust_remote_code: bool = False
-
-
-@dataclass
-class CalibConfig:
-    name: str = "wiki"
-    source: str = "wiki.train"
-    nsamples: int = 32
-    seqlen: int = 128
-    batch_size: int = 8
-    mask_t_min: float = 0.0  # dLLMs: masking ratio t ~ U(t_min, t_max) per sequence
-    mask_t_max: float = 1.0
-    kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
-    text_field: str = "text"  # dataset sources: the column holding the text
-
-
-@dataclass
-class EvalConfig:
-    name: str = "text"
-    source: str = "wiki.test"
-    seqlen: int = 128
-    max_chunks: Optional[int] = 16
-    batch_size: int = 8
-    mc_num: int = 16  # dLLM Monte-Carlo draws per sequence
-    seed: int = 1234
-    kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
-    text_field: str = "text"  # dataset sources: the column holding the text
-    nsamples: Optional[int] = None  # multimodal: records used (synthetic: how many are generated)
-    max_new_tokens: int = 8  # multimodal: greedy answer length
-    # lm-eval tasks (freeact/eval/harness.py); empty = text metric only
-    text: bool = True  # also run the text perplexity / ELBO above
-    tasks: List[str] = field(default_factory=list)
-    limit: Optional[int] = None  # documents per task (None = all)
-    num_fewshot: Optional[int] = None  # None = each task's default
-    gen_length: int = 256  # tokens generated (dLLM answer length; AR max_gen_toks)
-    steps: int = 256  # dLLM denoising steps
-    block_length: Optional[int] = 32  # dLLM semi-autoregressive block (None = gen_length)
-    remasking: str = "auto"  # auto | low_confidence | entropy | random
-    # generation (issue 14): dLLM sampler (freeact/eval/sampling.py)
-    schedule: str = "auto"  # auto (dream for Dream-style models, else llada) | llada | dream
-    alg: str = "entropy"  # schedule=dream: origin | maskgit_plus | topk_margin | entropy
-    alg_temp: Optional[float] = None  # schedule=dream: sample committed positions from softmax(conf/alg_temp)
-    top_p: Optional[float] = None  # nucleus filtering of the token distribution (None = off)
-    top_k: Optional[int] = None  # top-k filtering (None = off)
-    temperature: Optional[float] = None  # None = the task's gen_kwargs (greedy unless do_sample)
-    cfg: float = 0.0  # classifier-free guidance, generation and likelihood (0 = off): un + (cfg+1)(cond - un)
-    include_path: Optional[str] = None  # extra directory of lm-eval task YAMLs
-    # likelihood (issue 14)
-    likelihood: str = "auto"  # dLLM likelihood estimator: auto (the family's own) | llada | dream
-
-
-@dataclass
-class LoggerConfig:
-    name: str = "csv"
-    wandb: bool = False
-    mode: str = "offline"  # wandb: offline | online | disabled
-    project: str = "freeact"
-    entity: Optional[str] = None
-
-
-SCHEMAS = {"quant": QuantConfig, "model": ModelConfig, "calib": CalibConfig, "eval": EvalConfig, "logger": LoggerConfig}
-cs = ConfigStore.instance()
-for _group, _node in SCHEMAS.items():  # conf/<group>/*.yaml: defaults [/schema/<group>@_here_]
-    cs.store(group="schema", name=_group, node=_node)
-for _name, _node in SETTINGS.items():  # conf/method/<name>.yaml: defaults [/schema/method/<name>@_here_, _self_]
-    cs.store(group="schema/method", name=_name, node=_node)
 
 FAMILIES = ("causal", "llada", "dream", "vlm")
 DATA_KINDS = ("text", "multimodal")
@@ -369,14 +268,3 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
                        f"quant.{key}.group_size={s.group_size} does not divide the width {d} of {m.name}")
     check_device(cfg.device)
     return specs
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Identity of a run: everything that changes its numbers (not logging or bookkeeping keys)."""
-    import hashlib
-
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for k in ("logger", "force", "progress", "results_file", "save_model", "tag"):
-        c.pop(k, None)
-    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
