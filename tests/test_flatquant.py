@@ -167,16 +167,29 @@ def test_learned_weight_clip_is_what_rtn_quantizes_after_merge(tiny_model, token
 
 
 def test_gptq_weights_after_merge(tiny_model, tokenizer):
-    model = tiny_model("dream", torch.float32)
-    ctx = make_ctx(model, tokenizer, w=4, a=4)
-    FlatQuant({"epochs": 0, "weight_algo": "gptq"}).apply(ctx)
-    for block in ctx.adapter.blocks():
+    # reference: the same transforms merged without quantizing (weight_algo=none), then GPTQ run on that
+    # model by hand; the GPTQ path must give exactly those weights (GPTQ on the transformed weights, with
+    # the Hessians of the transformed inputs)
+    runs = {}
+    for algo in ("gptq", "none"):
+        model = tiny_model("dream", torch.float32)
+        ctx = make_ctx(model, tokenizer, w=4, a=4)
+        method = FlatQuant({"epochs": 0, "weight_algo": algo})
+        method.apply(ctx)
+        if algo == "none":
+            before = {n: l.weight.detach().clone() for n, l in ctx.adapter.block(0).linears().items()}
+            method.gptq(ctx)  # the reference, by hand
+        runs[algo] = (model, ctx)
+    (model, ctx), (ref, ref_ctx) = runs["gptq"], runs["none"]
+    for block, ref_block in zip(ctx.adapter.blocks(), ref_ctx.adapter.blocks()):
         for n, lin in block.linears().items():
-            w = lin.weight.detach()
-            levels = max(len(torch.unique(row)) for row in w)
-            assert levels <= 16, (n, levels)  # 4-bit symmetric: at most 16 values per row
+            w, w_ref = lin.weight.detach(), ref_block.linears()[n].weight.detach()
+            assert torch.equal(w, w_ref), n
+            assert max(len(torch.unique(row)) for row in w) <= 16, n  # 4-bit symmetric: at most 16 per row
+    assert any(not torch.equal(before[n], l.weight) for n, l in ref_ctx.adapter.block(0).linears().items())
+    ids = ctx.calib.input_ids[:1]
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=ctx.calib.input_ids[:1]).logits).all()
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
 def _nan_on_call(module, call):
