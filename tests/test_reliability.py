@@ -176,7 +176,7 @@ def test_save_model_on_an_existing_row_computes_again_and_reloads_to_the_same_me
     for run in ("a", "b"):
         res, _ = run_cli([*args, f"hydra.run.dir={tmp_path}/{run}"], tmp_path)
         assert res.returncode == 0, res.stderr
-        assert (tmp_path / run / "quantized.pt").exists()
+        assert (tmp_path / run / "quantized.safetensors").exists() and (tmp_path / run / "quantized.json").exists()
     assert "computing it again to save the model" in res.stdout
     rows = read_rows(tmp_path / "r.csv")
     assert len(rows) == 1

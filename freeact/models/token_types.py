@@ -30,6 +30,12 @@ class TokenTypes:
         self.reads = 0  # how many times a transform read ``current`` (tests count the hooks that saw it)
         self._handles = []
 
+    def spec(self) -> list[tuple[str, list[int] | None]]:
+        """The rules as given to the constructor (names with their ids; the rest without): ``TokenTypes(t.spec())``
+        rebuilds ``t``."""
+        ids = {i: [int(v) for v in t.tolist()] for i, t in self.rules}
+        return [(n, ids.get(i)) for i, n in enumerate(self.names)]
+
     @property
     def num_types(self) -> int:
         return len(self.names)
