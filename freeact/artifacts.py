@@ -61,9 +61,13 @@ def _encode(value, where: str, extra: dict):
     raise ArtifactError(f"cannot save {where}: a {type(value).__name__} is not a plain setting")
 
 
-def describe(module: nn.Module, where: str, extra: dict) -> dict:
+def describe(module: nn.Module, where: str, extra: dict, seen: dict) -> dict:
     """A JSON-able description of ``module`` (tensors by name; non-persistent buffers and plain tensor
-    attributes go to ``extra`` under their own keys)."""
+    attributes go to ``extra`` under their own keys). A module met before (``seen``: id -> where; e.g. the
+    one transform of q/k/v_proj) is described as a reference to its first place, so sharing survives."""
+    if id(module) in seen:
+        return {"ref": seen[id(module)]}
+    seen[id(module)] = where
     cls = type(module)
     if not cls.__module__.startswith("freeact."):
         raise ArtifactError(f"cannot save {where}: {cls.__module__}.{cls.__qualname__} is not a freeact module "
@@ -78,7 +82,7 @@ def describe(module: nn.Module, where: str, extra: dict) -> dict:
         buffers[n] = None if b is None else [list(b.shape), str(b.dtype).removeprefix("torch."), persistent]
         if b is not None and not persistent:
             extra[f"__buffer__.{where}.{n}"] = b.detach()
-    children = {n: None if c is None else describe(c, f"{where}.{n}", extra) for n, c in module._modules.items()}
+    children = {n: None if c is None else describe(c, f"{where}.{n}", extra, seen) for n, c in module._modules.items()}
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "attrs": attrs, "params": params,
             "buffers": buffers, "children": children}
 
@@ -115,8 +119,14 @@ def _module_class(path: str) -> type:
     return cls
 
 
-def rebuild(desc: dict, where: str, token_types, tensors: dict) -> nn.Module:
-    """The module ``desc`` describes, with empty tensors of the right shapes (filled by the state dict)."""
+def rebuild(desc: dict, where: str, token_types, tensors: dict, built: dict | None = None) -> nn.Module:
+    """The module ``desc`` describes, with empty tensors of the right shapes (filled by the state dict);
+    ``built`` (where -> module) resolves references to modules rebuilt before."""
+    built = {} if built is None else built
+    if "ref" in desc:
+        if desc["ref"] not in built:
+            raise ArtifactError(f"{DESCRIPTION}: {where} refers to {desc['ref']}, which comes later or nowhere")
+        return built[desc["ref"]]
     cls = _module_class(desc["class"])
     obj = cls.__new__(cls)
     nn.Module.__init__(obj)
@@ -131,8 +141,9 @@ def rebuild(desc: dict, where: str, token_types, tensors: dict) -> nn.Module:
             continue
         t = tensors[f"__buffer__.{where}.{n}"] if not b[2] else torch.empty(b[0], dtype=getattr(torch, b[1]))
         obj.register_buffer(n, t, persistent=b[2])
+    built[where] = obj
     for n, c in desc["children"].items():
-        obj._modules[n] = None if c is None else rebuild(c, f"{where}.{n}", token_types, tensors)
+        obj._modules[n] = None if c is None else rebuild(c, f"{where}.{n}", token_types, tensors, built)
     return obj
 
 
@@ -149,14 +160,15 @@ def save_quantized(model, cfg: DictConfig | dict, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     extra: dict = {}
+    seen: dict = {}
     tt = getattr(model, "freeact_token_types", None)
     desc = {
         "format": FORMAT,
         "config": config,
         "tied": _is_tied(model),
         "token_types": None if tt is None else [list(rule) for rule in tt.spec()],
-        "input_quantizers": {n: describe(iq, n, extra) for n, iq in input_quantizers(model).items()},
-        "qkv_hooks": {n: describe(m.qkv_hook, n, extra) for n, m in model.named_modules()
+        "input_quantizers": {n: describe(iq, n, extra, seen) for n, iq in input_quantizers(model).items()},
+        "qkv_hooks": {n: describe(m.qkv_hook, n, extra, seen) for n, m in model.named_modules()
                       if isinstance(getattr(m, "qkv_hook", None), nn.Module)},
     }
     tensors, seen = {}, set()
@@ -203,10 +215,11 @@ def load_quantized(path: str | Path, device: str | None = None):
     token_types = None
     if desc["token_types"] is not None:
         token_types = TokenTypes([(name, ids) for name, ids in desc["token_types"]]).attach(model)
+    built: dict = {}
     for name, d in desc["input_quantizers"].items():
-        attach_input_quantizer(model.get_submodule(name), rebuild(d, name, token_types, tensors))
+        attach_input_quantizer(model.get_submodule(name), rebuild(d, name, token_types, tensors, built))
     for name, d in desc["qkv_hooks"].items():
-        model.get_submodule(name).qkv_hook = rebuild(d, name, token_types, tensors)
+        model.get_submodule(name).qkv_hook = rebuild(d, name, token_types, tensors, built)
     if desc["qkv_hooks"]:
         model.set_attn_implementation(IMPL)
     state = {k: v for k, v in tensors.items() if not k.startswith(("__attr__.", "__buffer__."))}

@@ -65,6 +65,8 @@ def test_every_transform_round_trips_through_safetensors_and_json(tmp_path, toke
         assert torch.equal(model(input_ids=ids).logits, back(input_ids=ids).logits)
     kinds = {type(m).__name__ for m in back.modules()}
     assert "InputQuantizer" in kinds and "QKVHook" in kinds
+    # shared online modules stay shared (one q/k/v transform per layer, not three copies)
+    assert len({id(m) for m in back.modules()}) == len({id(m) for m in model.modules()})
     assert ("TypeMask" in kinds) == (method == "freeact")
 
 
