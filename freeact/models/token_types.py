@@ -27,7 +27,6 @@ class TokenTypes:
         self.rules = [(i, torch.tensor(sorted(ids), dtype=torch.long)) for i, (_, ids) in enumerate(rules) if ids]
         self.default = self.names.index(defaults[0])
         self.current: torch.Tensor | None = None
-        self.reads = 0  # how many times a transform read ``current`` (tests count the hooks that saw it)
         self._handles = []
 
     def spec(self) -> list[tuple[str, list[int] | None]]:
@@ -52,7 +51,6 @@ class TokenTypes:
     def get(self) -> torch.Tensor:
         if self.current is None:
             raise RuntimeError("token types are not set: call the model with input_ids, or use TokenTypes.use()")
-        self.reads += 1
         return self.current
 
     @contextmanager

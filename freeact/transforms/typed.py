@@ -82,7 +82,7 @@ class TypeMask(OnlineMemo, nn.Module):
 
     ``token_types``: the model's :class:`~freeact.models.token_types.TokenTypes`; its ``(batch, seq)``
     tensor is read at every call. ``x`` is ``(batch, seq, d)`` (a linear's input) or
-    ``(batch, heads, seq, d)`` (post-RoPE Q/K). ``type_reads`` counts the calls that read the types.
+    ``(batch, heads, seq, d)`` (post-RoPE Q/K).
     """
 
     def __init__(self, inner: nn.Module, owner: Tensor, token_types, num_types: int | None = None):
@@ -97,7 +97,6 @@ class TypeMask(OnlineMemo, nn.Module):
         # row -1 (type -1: padding) keeps every coordinate
         self.register_buffer("keep_ext", torch.cat([self.keep, torch.ones(1, owner.numel())]), persistent=False)
         self.has_unique = bool((owner >= 0).any())
-        self.type_reads = 0
 
     @property
     def ranks(self) -> list[int]:
@@ -123,7 +122,6 @@ class TypeMask(OnlineMemo, nn.Module):
         if lead != tuple(t.shape):
             raise ValueError(f"token types of shape {tuple(t.shape)} do not match activations of shape "
                              f"{tuple(z.shape)}; the type tensor must be (batch, seq) of the current forward")
-        self.type_reads += 1
         return z * keep.to(z.dtype)
 
     def merge(self, *args) -> None:
