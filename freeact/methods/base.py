@@ -10,13 +10,12 @@ online activation / KV-cache quantization. ``Method.apply`` runs them in that or
 3. quantize every block linear's weight (the LM head and embeddings stay in full precision);
 4. install the KV-cache / post-RoPE hook when KV quantization or a Q/K transform is asked for.
 
-With ``ctx.streaming`` the whole of ``apply`` (a subclass's own ``apply`` too) runs inside
+With ``ctx.streaming`` the whole of ``apply`` (a subclass's own ``pipeline`` too) runs inside
 :func:`~freeact.methods.streaming.streaming_context`: the model stays on the CPU and one decoder layer
 at a time is paged onto ``ctx.device`` (see :mod:`freeact.methods.streaming`).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -88,17 +87,6 @@ class QuantContext:
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
-def _streamed(apply):
-    """Run ``apply(ctx)`` inside :func:`streaming_context` (a no-op unless ``ctx.streaming``)."""
-    @functools.wraps(apply)
-    def wrapper(self, ctx, *args, **kwargs):
-        with streaming_context(ctx):
-            return apply(self, ctx, *args, **kwargs)
-
-    wrapper._freeact_streamed = True
-    return wrapper
-
-
 class Method:
     name = "base"
     quantizes = True
@@ -109,20 +97,20 @@ class Method:
         self.settings = parse_settings({**(cfg or {}), "name": self.name})
         self.cfg = as_dict(self.settings)
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        fn = cls.__dict__.get("apply")
-        if fn is not None and not getattr(fn, "_freeact_streamed", False):
-            cls.apply = _streamed(fn)
+    def apply(self, ctx: QuantContext) -> dict:
+        """Quantize ``ctx.model`` in place; returns info for the result row. Runs :meth:`pipeline` inside
+        :func:`~freeact.methods.streaming.streaming_context` (a no-op unless ``ctx.streaming``); methods
+        override :meth:`transform` or :meth:`pipeline`, not this."""
+        with streaming_context(ctx):
+            return self.pipeline(ctx)
 
     # -- to override ------------------------------------------------------------------------
     def transform(self, ctx: QuantContext) -> dict:
         """Apply the method's transforms; return info for the result row."""
         return {}
 
-    # -- shared pipeline --------------------------------------------------------------------
-    @_streamed
-    def apply(self, ctx: QuantContext) -> dict:
+    def pipeline(self, ctx: QuantContext) -> dict:
+        """transform -> input quantizers on every block linear -> weight quantization -> KV / Q-K hooks."""
         if not self.quantizes:
             return {}
         info = dict(self.transform(ctx) or {})

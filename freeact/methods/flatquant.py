@@ -152,7 +152,8 @@ class FlatQuant(Method):
         return ctx.quant.kv.enabled if kt == "auto" else bool(kt)
 
     # -- pipeline -------------------------------------------------------------------------------
-    def apply(self, ctx: QuantContext) -> dict:
+    def pipeline(self, ctx: QuantContext) -> dict:
+        """The transforms install their own input quantizers (calibrating mode, then merged)."""
         info = dict(self.transform(ctx) or {})
         self.quantize_weights(ctx)
         return info
