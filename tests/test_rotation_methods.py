@@ -429,3 +429,27 @@ def test_configs_run_end_to_end(compose, corpus, method, tmp_path):
         assert row["info.rotate_qk"] is True  # KV is quantized in w4a4kv4
     if method == "spinquant":
         assert (tmp_path / "r.pt").exists()
+
+
+def test_spinquant_bf16_training_keeps_float64_rotations_and_tracks_float32(models):
+    # the model in float32 (as a real run trains it), bf16 autocast around its forward only
+    import copy
+
+    from freeact.methods.spinquant import learn_rotations
+
+    base, calib, _, _ = models["llama"]
+    a = get_adapter(base)
+    R1 = torch.linalg.qr(torch.randn(a.hidden_size, a.hidden_size, dtype=F64, generator=torch.Generator().manual_seed(0)))[0]
+    R2 = [torch.eye(a.head_dim, dtype=F64)] * len(a.layers())
+    out = {}
+    for amp in ("off", "bf16"):
+        model = copy.deepcopy(base).float()
+        ctx = QuantContext(model, get_adapter(model), W4A4, calib, batch_size=2, progress=False)
+        r1, r2, losses = learn_rotations(ctx, R1, R2, steps=3, lr=0.5, amp=amp)
+        assert r1.dtype == F64 and torch.allclose(r1 @ r1.T, torch.eye(a.hidden_size, dtype=F64), atol=1e-10)
+        out[amp] = losses
+    assert all(math.isfinite(v) for v in out["bf16"])
+    # bf16 rounding of the forward moves the loss a little, not the training
+    assert out["bf16"][0] == pytest.approx(out["off"][0], rel=0.05) and out["bf16"] != out["off"]
+    with pytest.raises(ValueError, match="amp must be off or bf16"):
+        learn_rotations(ctx, R1, R2, steps=1, amp="fp16")

@@ -142,9 +142,11 @@ class SpinQuantSettings(QuaRotSettings):
     train_weight_quant: AutoBool = AUTO  # fake-quantize weights in the loss; auto = when weight_algo is rtn
     save_rotations: Optional[str] = None  # path to write the learned R1/R2
     load_rotations: Optional[str] = None  # path of saved R1/R2: skip training
+    amp: str = AUTO  # the model's forward in training under autocast: bf16 | off; auto = bf16 on a GPU
 
     def check(self) -> None:
         super().check()
+        _choice(self, "amp", ("auto", "bf16", "off"))  # fp16 would need loss scaling of float64 rotations
         _need(self.steps >= 0, f"method.steps={self.steps} must be >= 0")
         _need(self.lr > 0, f"method.lr={self.lr} must be > 0")
         _need(self.train_batch_size is None or self.train_batch_size > 0,

@@ -121,8 +121,13 @@ def rotated_parameters(ctx: QuantContext, R1: torch.Tensor, R2: list[torch.Tenso
 
 def learn_rotations(ctx: QuantContext, R1: torch.Tensor, R2: list[torch.Tensor], steps: int, lr: float = 1.5,
                     momentum: float = 0.0, batch_size: int | None = None,
-                    weight_spec: QuantSpec | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
-    """Cayley-SGD training of R1 / R2 (cosine lr schedule). Returns float64 CPU matrices and losses."""
+                    weight_spec: QuantSpec | None = None,
+                    amp: str = "off") -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """Cayley-SGD training of R1 / R2 (cosine lr schedule). Returns float64 CPU matrices and losses.
+    ``amp="bf16"``: the model's forward under bfloat16 autocast (the float64 rotation algebra is left
+    alone: autocast does not cast float64; the loss is taken from float32 logits)."""
+    if amp not in ("off", "bf16"):
+        raise ValueError(f"amp must be off or bf16, got {amp!r}")
     if ctx.calib is None:
         raise ValueError("SpinQuant needs calibration data to learn its rotations (or load_rotations)")
     if getattr(ctx, "streaming", False):
@@ -149,7 +154,8 @@ def learn_rotations(ctx: QuantContext, R1: torch.Tensor, R2: list[torch.Tensor],
                 i = next(order)
                 ids, tgt = ids_all[i : i + bs].to(device), tgt_all[i : i + bs].to(device)
                 params = rotated_parameters(ctx, R1p, R2p, weight_spec, names)
-                out = functional_call(model, params, args=(), kwargs={"input_ids": ids, "use_cache": False})
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                    out = functional_call(model, params, args=(), kwargs={"input_ids": ids, "use_cache": False})
                 loss = calibration_loss(adapter, out, ids, tgt)
                 opt.zero_grad(set_to_none=True)
                 if loss is not None:
@@ -214,10 +220,11 @@ class SpinQuant(RotationMethod):
                 train_wq = _flag(cfg.get("train_weight_quant", "auto"), cfg.get("weight_algo") == "rtn",
                                  "train_weight_quant")
                 wspec = ctx.quant.weight if train_wq and ctx.quant.weight.enabled else None
+                amp = cfg["amp"] if cfg["amp"] != "auto" else ("bf16" if str(ctx.device).startswith("cuda") else "off")
                 R1, R2, losses = learn_rotations(ctx, R1, R2, steps, lr=float(cfg.get("lr", 1.5)),
                                                  momentum=float(cfg.get("momentum", 0.0)),
-                                                 batch_size=cfg.get("train_batch_size"), weight_spec=wspec)
-                self.train_info = {"train_steps": len(losses), "train_weight_quant": wspec is not None,
+                                                 batch_size=cfg.get("train_batch_size"), weight_spec=wspec, amp=amp)
+                self.train_info = {"train_steps": len(losses), "train_weight_quant": wspec is not None, "amp": amp,
                                    "loss_first": losses[0] if losses else None,
                                    "loss_last": losses[-1] if losses else None}
         if cfg.get("save_rotations"):
