@@ -221,13 +221,18 @@ def _label(idx) -> str:
     return " | ".join(str(k) for k in (idx if isinstance(idx, tuple) else (idx,)))
 
 
+def _differ(g: pd.DataFrame, config: list[str]) -> list[str]:
+    """The config columns in which the rows of ``g`` differ (NaN counts as one value)."""
+    return [c for c in config if c in g and g[c].nunique(dropna=False) > 1]
+
+
 def differing_columns(df: pd.DataFrame, keys: list[str], config: list[str]) -> list[str]:
     """Config columns in which the rows of some group of ``keys`` differ: adding them to the keys shows
     those rows apart instead of averaging runs that are not seeds of one config."""
     out = []
     for _, g in df.groupby(keys, sort=False, dropna=False):
         if len(g) > 1:
-            out += [c for c in config if c in g and c not in out and c not in keys and g[c].nunique(dropna=False) > 1]
+            out += [c for c in _differ(g, config) if c not in out and c not in keys]
     return out
 
 
@@ -243,7 +248,7 @@ def mixed_cells(df: pd.DataFrame, keys: list[str], config: list[str], what: str 
         s = seeds.loc[g.index]
         where = f"{what} {_label(idx)}".strip()
         seed_list = ", ".join(str(v) for v in s.tolist())
-        differ = [c for c in config if c in g and g[c].nunique(dropna=False) > 1]  # NaN: one value
+        differ = _differ(g, config)
         if differ:
             cols = ", ".join(differ)
             out.append((f"{where} would average {_rows(len(g))} (seeds {seed_list}) that differ in {cols}, not "

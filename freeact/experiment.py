@@ -16,7 +16,7 @@ from .data.calib import build_calib_set
 from .eval import evaluate
 from .methods import QuantContext, QuantSettings, get_method
 from .models import get_adapter
-from .models.loading import default_tokenizer_dir, load_model, pick_device, resolve_path  # noqa: F401
+from .models.loading import default_tokenizer_dir, load_model, pick_device, resolve_path
 from .tracking.results import flatten
 
 

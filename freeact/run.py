@@ -26,6 +26,7 @@ from . import config as _config  # noqa: F401  (registers the schemas)
 from .config import ConfigError, config_hash
 from .validate import validate
 
+log = logging.getLogger("freeact")
 
 
 def hub_offline_without_network(timeout: float = 2.0) -> bool:
@@ -43,8 +44,6 @@ def hub_offline_without_network(timeout: float = 2.0) -> bool:
             pass
     os.environ["HF_HUB_OFFLINE"] = "1"
     return True
-
-log = logging.getLogger("freeact")
 
 
 def explicit_method_keys() -> set[str]:

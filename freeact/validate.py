@@ -16,11 +16,11 @@ from typing import Iterable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import SCHEMAS, ConfigError, QuantSpecConfig
-from .config.methods import (FreeActSettings, MethodSettings, SettingsError, apply_all_methods, as_dict,
-                             parse_settings)
-from .quant.spec import GRANULARITIES, QuantSpec
+from .config.methods import (FAMILY_TYPE_NAMES, FreeActSettings, MethodSettings, SettingsError, apply_all_methods,
+                             as_dict, parse_settings)
+from .quant.spec import _ALIASES, GRANULARITIES, QuantSpec
 
-FAMILIES = ("causal", "llada", "dream", "vlm")
+FAMILIES = tuple(FAMILY_TYPE_NAMES)  # every family says which token types it defines
 DATA_KINDS = ("text", "multimodal")
 SOURCES = ("tiny", "pretrained")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
@@ -34,8 +34,6 @@ def _check(cond: bool, msg: str) -> None:
 def spec(cfg, key: str) -> QuantSpec:
     s = cfg.quant[key]
     _check(2 <= s.bits <= 16, f"quant.{key}.bits={s.bits} must be in 2..16 (16 = not quantized)")
-    from .quant.spec import _ALIASES
-
     g = _ALIASES.get(s.granularity, s.granularity)
     _check(g in GRANULARITIES, f"quant.{key}.granularity={s.granularity!r} must be one of {GRANULARITIES}")
     _check(0 < s.clip_ratio <= 1, f"quant.{key}.clip_ratio={s.clip_ratio} must be in (0, 1]")
@@ -155,13 +153,15 @@ def check_keys(cfg: DictConfig) -> None:
 
 
 def resolve_method(cfg: DictConfig, explicit: Iterable[str] = ()) -> MethodSettings:
-    """Complete ``cfg.method`` with its defaults and the ``all_methods`` settings it has, check it, and
-    write the result back (what the row records); ``all_methods`` is then dropped. ``explicit``: the
+    """Complete ``cfg.method`` with its defaults and the ``all_methods`` settings it has, check it (token-type
+    names against ``cfg.model.family`` too), and write the result back (what the row records); ``all_methods`` is then dropped. ``explicit``: the
     ``method.<key>`` set on the command line (they win over ``all_methods``)."""
     raw = OmegaConf.to_container(cfg.method, resolve=True)
     shared = OmegaConf.to_container(cfg.all_methods, resolve=True) if cfg.get("all_methods") else {}
     try:
         settings = parse_settings(apply_all_methods(raw, shared, set(explicit)))
+        if isinstance(settings, FreeActSettings):
+            settings.check_token_types(cfg.model.family)
     except SettingsError as e:
         raise ConfigError(str(e)) from None
     with open_dict(cfg):
@@ -187,10 +187,14 @@ def _writable_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}={path} cannot be written: {e.strerror or e}") from None
 
 
-def check_device(device: str) -> None:
-    """``device``: auto, cpu, cuda or cuda:N, and there (imports torch: call after the cheap checks)."""
+def check_device_form(device) -> None:
+    """``device``: auto, cpu, cuda or cuda:N (cheap: no import)."""
     _check(isinstance(device, str) and bool(_DEVICE.match(device)),
            f"device={device!r} must be auto, cpu, cuda or cuda:N")
+
+
+def check_device_there(device: str) -> None:
+    """A ``cuda`` device asked for exists (imports torch: call after the cheap checks)."""
     if device.startswith("cuda"):
         import torch
 
@@ -204,16 +208,10 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     (see :func:`resolve_method`). Cheap checks first: a bad value is reported before torch is loaded."""
     check_keys(cfg)
     _check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), f"seed={cfg.seed!r} must be an integer")
-    _check(isinstance(cfg.device, str) and bool(_DEVICE.match(cfg.device)),
-           f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    check_device_form(cfg.device)
     for key in ("force", "progress", "save_model"):
         _check(isinstance(cfg[key], bool), f"{key}={cfg[key]!r} must be true or false")
-    settings = resolve_method(cfg, explicit_method_keys)
-    if isinstance(settings, FreeActSettings):
-        try:
-            settings.check_token_types(cfg.model.family)
-        except SettingsError as e:
-            raise ConfigError(str(e)) from None
+    resolve_method(cfg, explicit_method_keys)
     _writable_file("results_file", cfg.results_file)
     m = cfg.model
     _check(m.family in FAMILIES, f"model.family={m.family!r} must be one of {FAMILIES}")
@@ -266,5 +264,5 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
             for d in dims:
                 _check(d is None or d % s.group_size == 0,
                        f"quant.{key}.group_size={s.group_size} does not divide the width {d} of {m.name}")
-    check_device(cfg.device)
+    check_device_there(cfg.device)
     return specs

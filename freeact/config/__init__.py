@@ -115,6 +115,7 @@ for _group, _node in SCHEMAS.items():  # conf/<group>/*.yaml: defaults [/schema/
 for _name, _node in SETTINGS.items():  # conf/method/<name>.yaml: defaults [/schema/method/<name>@_here_, _self_]
     cs.store(group="schema/method", name=_name, node=_node)
 
+
 def config_hash(cfg: DictConfig) -> str:
     """Identity of a run: everything that changes its numbers (not logging or bookkeeping keys)."""
     import hashlib

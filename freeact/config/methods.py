@@ -33,7 +33,12 @@ AutoBool = Any  # true | false | "auto" (checked by each schema's check(); Hydra
 
 # Token-type names a model family defines ids for (its adapter's ``token_type_ids``; a test checks
 # that they agree): one more name may stand for the remaining tokens.
-FAMILY_TYPE_NAMES = {"llada": ("mask",), "dream": ("mask",), "vlm": ("vision",), "causal": ()}
+FAMILY_TYPE_NAMES = {"causal": (), "llada": ("mask",), "dream": ("mask",), "vlm": ("vision",)}
+
+
+def resolve_amp(amp: str, device) -> str:
+    """A method's ``amp`` setting on ``device``: ``auto`` is bf16 on a GPU, off on a CPU."""
+    return amp if amp != AUTO else ("bf16" if str(device).startswith("cuda") else "off")
 
 
 class SettingsError(ValueError):

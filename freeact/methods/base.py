@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.calib import CalibSet
-from ..config.methods import as_dict, parse_settings
+from ..config.methods import GPTQSettings, as_dict, parse_settings
 from ..models.adapter import ModelAdapter
 from ..quant.act import InputQuantizer, attach_input_quantizer, set_act_quant
 from ..quant.gptq import HessianAccumulator, gptq_quantize_weight
@@ -83,6 +83,8 @@ class QuantContext:
             raise ValueError(f"stream_cache must be one of {CACHES}, got {self.stream_cache!r}")
 
 
+GPTQ_DEFAULTS = GPTQSettings()
+
 # Linears of one block in GPTQ's "true sequential" order.
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
@@ -132,7 +134,7 @@ class Method:
             self.gptq(ctx) if algo == "gptq" else self.rtn(ctx)
 
     def rtn(self, ctx: QuantContext) -> None:
-        mse = bool(self.cfg.get("mse_clip", False))
+        mse = self.cfg["mse_clip"]
         for block in tqdm(ctx.adapter.blocks(), desc="rtn", disable=not ctx.progress, leave=False):
             with resident(ctx.model, block.layer):
                 for lin in block.linears().values():
@@ -148,8 +150,9 @@ class Method:
         hidden, kwargs, types = capture_layer0_inputs(model, adapter, ctx.calib.batches(ctx.batch_size), ctx.device,
                                                       offload=offload)
         tt = getattr(model, "freeact_token_types", None)
-        opts = dict(damp=float(self.cfg.get("damp", 0.01)), block_size=int(self.cfg.get("block_size", 128)),
-                    act_order=bool(self.cfg.get("act_order", False)), mse_clip=bool(self.cfg.get("mse_clip", False)))
+        # methods whose settings have no GPTQ options (RTN, SmoothQuant with weight_algo=gptq) take GPTQ's own
+        opts = {k: self.cfg.get(k, getattr(GPTQ_DEFAULTS, k)) for k in ("damp", "block_size", "act_order")}
+        opts["mse_clip"] = self.cfg["mse_clip"]
         for i, block in enumerate(tqdm(adapter.blocks(), desc="gptq", disable=not ctx.progress, leave=False)):
             with resident(model, block.layer):  # streaming: this layer on the device (Hessians too)
                 lins = block.linears()

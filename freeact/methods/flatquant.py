@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config.methods import resolve_amp
 from ..quant.act import InputQuantizer, attach_input_quantizer
 from ..quant.kv import IMPL, QKVHook
 from ..transforms.affine import (AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
@@ -142,10 +143,10 @@ class FlatQuant(Method):
 
     def train_config(self, device: str = "cpu") -> TrainConfig:
         c = self.cfg
-        amp = c["amp"] if c["amp"] != "auto" else ("bf16" if str(device).startswith("cuda") else "off")
         return TrainConfig(epochs=int(c["epochs"]), lr=float(c["lr"]), clip_lr_mult=float(c["clip_lr_mult"]),
                            weight_decay=float(c["weight_decay"]), batch_size=int(c["batch_size"]),
-                           on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type, amp=amp)
+                           on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type,
+                           amp=resolve_amp(c["amp"], device))
 
     def uses_k_transform(self, ctx: QuantContext) -> bool:
         kt = self.cfg["kv_transform"]

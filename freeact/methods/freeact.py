@@ -54,7 +54,6 @@ from .base import QuantContext, register_method
 from .flatquant import SITES, STAT_KEY, FlatQuant
 
 
-
 def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
     """Config entries (names, or ``{name, ids}`` mappings) -> :class:`TokenTypes` rules, in order."""
     if not entries:

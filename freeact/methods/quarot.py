@@ -47,16 +47,16 @@ class RotationMethod(Method):
 
     # -- shared -----------------------------------------------------------------------------
     def seed(self, ctx: QuantContext) -> int:
-        s = self.cfg.get("rotation_seed")
+        s = self.cfg["rotation_seed"]
         return ctx.seed if s is None else int(s)
 
     def override_quant_settings(self, ctx: QuantContext) -> None:
         act, kv = ctx.quant.act, ctx.quant.kv
-        if self.cfg.get("act_clip_ratio") is not None:
+        if self.cfg["act_clip_ratio"] is not None:
             act = act.with_(clip_ratio=float(self.cfg["act_clip_ratio"]))
-        if self.cfg.get("act_symmetric") is not None:
+        if self.cfg["act_symmetric"] is not None:
             act = act.with_(symmetric=bool(self.cfg["act_symmetric"]))
-        if self.cfg.get("kv_clip_ratio") is not None:
+        if self.cfg["kv_clip_ratio"] is not None:
             kv = kv.with_(clip_ratio=float(self.cfg["kv_clip_ratio"]))
         ctx.quant = replace(ctx.quant, act=act, kv=kv)
 
@@ -65,16 +65,16 @@ class RotationMethod(Method):
         self.override_quant_settings(ctx)
         info = fuse_norms(adapter)
         blocks = adapter.blocks()
-        if self.cfg.get("down_online", True):
+        if self.cfg["down_online"]:
             for i, b in enumerate(blocks):
                 had = OnlineHadamard(b.down.in_features, seed=seed + 1000 + i).to(dev)
                 fuse_online_rotation(b.down, had)
                 ctx.input_transforms[b.down] = had
-        rotate_qk = _flag(self.cfg.get("rotate_qk", "auto"), ctx.quant.kv.enabled, "rotate_qk")
+        rotate_qk = _flag(self.cfg["rotate_qk"], ctx.quant.kv.enabled, "rotate_qk")
         if rotate_qk:
             hd = adapter.head_dim
             ctx.qk_transform = lambda: OnlineHadamard(hd, seed=None).to(dev)
-        o_mode = self.cfg.get("o_online", "auto")
+        o_mode = self.cfg["o_online"]
         o_transforms = {}
         for b in blocks:  # registered now (training sees them), fused after R2 (W_o <- W_o R2 M)
             t = attention_output_transform(adapter.num_heads, adapter.head_dim, o_mode, seed=None)
@@ -85,7 +85,7 @@ class RotationMethod(Method):
         for o, t in o_transforms.items():
             fuse_online_rotation(o, t)
         o_kind = type(next(iter(o_transforms.values()))).__name__ if o_transforms else "none"
-        return {**info, "rotate_qk": rotate_qk, "o_online": o_kind, "down_online": bool(self.cfg.get("down_online")),
+        return {**info, "rotate_qk": rotate_qk, "o_online": o_kind, "down_online": self.cfg["down_online"],
                 "act_clip_ratio": ctx.quant.act.clip_ratio, "kv_clip_ratio": ctx.quant.kv.clip_ratio}
 
 

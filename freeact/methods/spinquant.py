@@ -44,8 +44,10 @@ from ..quant.quantizer import QuantSpec, fake_quant
 from ..transforms.cayley import CayleySGD
 from ..transforms.hadamard import random_hadamard_matrix
 from ..transforms.rotation import check_orthogonal, rotate_input_side, rotated_block_params
+from ..config.methods import resolve_amp
 from .base import QuantContext, register_method
 from .quarot import RotationMethod, _flag
+
 
 # ------------------------------------------------------------------------------- loss
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -209,7 +211,7 @@ class SpinQuant(RotationMethod):
     def rotations(self, ctx: QuantContext):
         a, cfg, seed = ctx.adapter, self.cfg, self.seed(ctx)
         self.train_info = {}
-        if cfg.get("load_rotations"):
+        if cfg["load_rotations"]:
             R1, R2 = load_rotations(cfg["load_rotations"], a)
             self.train_info = {"rotations_from": str(cfg["load_rotations"])}
         else:
@@ -217,17 +219,15 @@ class SpinQuant(RotationMethod):
             R2 = [random_hadamard_matrix(a.head_dim, seed=seed + 1 + i) for i in range(len(a.layers()))]
             steps = cfg["steps"]
             if steps:
-                train_wq = _flag(cfg.get("train_weight_quant", "auto"), cfg.get("weight_algo") == "rtn",
-                                 "train_weight_quant")
+                train_wq = _flag(cfg["train_weight_quant"], cfg["weight_algo"] == "rtn", "train_weight_quant")
                 wspec = ctx.quant.weight if train_wq and ctx.quant.weight.enabled else None
-                amp = cfg["amp"] if cfg["amp"] != "auto" else ("bf16" if str(ctx.device).startswith("cuda") else "off")
-                R1, R2, losses = learn_rotations(ctx, R1, R2, steps, lr=float(cfg.get("lr", 1.5)),
-                                                 momentum=float(cfg.get("momentum", 0.0)),
-                                                 batch_size=cfg.get("train_batch_size"), weight_spec=wspec, amp=amp)
+                amp = resolve_amp(cfg["amp"], ctx.device)
+                R1, R2, losses = learn_rotations(ctx, R1, R2, steps, lr=cfg["lr"], momentum=cfg["momentum"],
+                                                 batch_size=cfg["train_batch_size"], weight_spec=wspec, amp=amp)
                 self.train_info = {"train_steps": len(losses), "train_weight_quant": wspec is not None, "amp": amp,
                                    "loss_first": losses[0] if losses else None,
                                    "loss_last": losses[-1] if losses else None}
-        if cfg.get("save_rotations"):
+        if cfg["save_rotations"]:
             p = save_rotations(cfg["save_rotations"], R1, R2, {"seed": seed, **self.train_info})
             self.train_info["rotations_file"] = str(p)
         return R1, R2
