@@ -13,7 +13,7 @@ from freeact.quant.kv import IMPL
 from freeact.data.calib import build_calib_set as _build_calib_set
 from freeact.quant.quantizer import QuantSpec, fake_quant
 from freeact.quant.rtn import rtn_quantize_weight
-from freeact.transforms.affine import AffineSite, HeadwiseVO, kron_matmul, most_square_factors
+from freeact.transforms.affine import AffineSite, CayleyOrthogonal, HeadwiseVO, kron_matmul, most_square_factors
 
 
 def build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=None):
@@ -43,6 +43,34 @@ def test_most_square_factors_and_kron_matmul():
     B = torch.randn(37, 37, generator=g, dtype=torch.float64)
     x = torch.randn(3, 5, 592, generator=g, dtype=torch.float64)
     torch.testing.assert_close(kron_matmul(x, [A, B]), x @ torch.kron(A, B), rtol=1e-10, atol=1e-10)
+
+
+def test_cayley_parametrization_is_torchs_orthogonal_map():
+    """The same function of the same parameter as torch's Cayley map with trivialisation (value and gradient),
+    starting at the initial matrix."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    n, g = 12, torch.Generator().manual_seed(0)
+    init = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    ref = parametrizations.orthogonal(torch.nn.Linear(n, n, bias=False, dtype=torch.float64), orthogonal_map="cayley")
+    with torch.no_grad():
+        ref.weight = init
+    ours = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.copy_(init)
+    parametrize.register_parametrization(ours, "weight", CayleyOrthogonal(n, torch.float64), unsafe=True)
+    torch.testing.assert_close(ours.weight, init, rtol=0, atol=1e-14)
+    X = torch.randn(n, n, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ref.parametrizations.weight.original.copy_(X)
+        ours.parametrizations.weight.original.copy_(X)
+    torch.testing.assert_close(ours.weight, ref.weight, rtol=0, atol=1e-12)
+    assert not torch.allclose(ours.weight, init)  # X moved it
+    probe = torch.randn(n, n, generator=g, dtype=torch.float64)
+    (ref.weight * probe).sum().backward()
+    (ours.weight * probe).sum().backward()
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad, ref.parametrizations.weight.original.grad,
+                               rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("d,structure", [(224, "kronecker"), (592, "kronecker"), (96, "dense")])
@@ -250,3 +278,23 @@ def test_blockwise_loss_leaves_out_padding_and_sums_types():
     assert blockwise_loss(out, y, types, 2, valid).item() == pytest.approx(1 + (4 + 9) / 2)  # pad is no type-0 token
     assert blockwise_loss(out, y, torch.tensor([[0, 1, 1, -1]]), 2).item() == pytest.approx(1 + (4 + 9) / 2)
     assert blockwise_loss(out, y, torch.zeros(1, 4, dtype=torch.long), 2).item() == pytest.approx(95 / 4)  # absent type adds 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("method", ["flatquant", "freeact"])
+def test_cuda_graph_steps_match_eager_steps(tiny_model, tokenizer, method):
+    """The same training with every step eager and with the steps after the warm-up replayed from a CUDA graph:
+    the same losses and the same quantized model."""
+    got = {}
+    for graph in (False, True):
+        model = tiny_model("llada").cuda()
+        ctx = make_ctx(model, tokenizer, w=4, a=4, n=6)
+        ctx.device = "cuda"
+        info = get_method(method, {"epochs": 3, "batch_size": 2, "cuda_graph": graph, "amp": "off"}).apply(ctx)
+        assert info["train_steps"] == 2 * 3 * 3  # layers x epochs x batches
+        assert info["cuda_graph"] == ("on" if graph else "method.cuda_graph=false")
+        with torch.no_grad():
+            logits = model(input_ids=ctx.calib.input_ids[:2].cuda()).logits
+        got[graph] = ([float(v) for v in info["loss_last_epoch"].split("|")], logits)
+    assert got[True][0] == pytest.approx(got[False][0], rel=1e-4)
+    torch.testing.assert_close(got[True][1], got[False][1], rtol=1e-3, atol=1e-3)

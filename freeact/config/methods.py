@@ -183,10 +183,12 @@ class FlatQuantSettings(GPTQSettings):
     kv_transform: AutoBool = AUTO  # post-RoPE Q/K transform; auto = when the KV cache is quantized
     fuse_norms: bool = True  # fold RMSNorm scales into the following linears first (float64)
     amp: str = AUTO  # block training under autocast: bf16 | fp16 | off; auto = bf16 on a GPU, off on a CPU
+    cuda_graph: AutoBool = AUTO  # each training step replayed from a CUDA graph; auto = on a GPU when it can be
 
     def check(self) -> None:
         super().check()
         _choice(self, "amp", AMP)
+        _auto_bool(self, "cuda_graph")
         _need(self.epochs >= 0, f"method.epochs={self.epochs} must be >= 0")
         _need(self.lr > 0, f"method.lr={self.lr} must be > 0")
         _need(self.clip_lr_mult > 0, f"method.clip_lr_mult={self.clip_lr_mult} must be > 0")

@@ -20,6 +20,7 @@ layer and reports it in the returned info.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -36,6 +37,8 @@ from ..quant.kv import IMPL
 from ..transforms.typed import TypeCovariance
 from .blockwise import capture_inputs, capture_layer0_inputs, layer_output
 
+
+log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,6 +58,7 @@ class TrainConfig:
     on_nonfinite: str = "raise"
     loss_by_type: bool = False  # FreeAct: sum over token types of the per-type MSE
     amp: str = "off"  # the quantized layer's forward under autocast: bf16 | fp16 | off (loss in float32)
+    cuda_graph: object = "auto"  # replay each step from a CUDA graph: auto (when possible) | True (required) | False
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -233,86 +237,223 @@ def _cosine(total: int, min_ratio: float):
     return lambda step: min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def _set_lr(opt, base: list[float], factor: float) -> None:
+    """Each group's learning rate = its base x ``factor`` (a tensor learning rate is filled in place: no
+    host synchronisation, and a captured optimizer step reads the new value)."""
+    for g, b in zip(opt.param_groups, base):
+        if torch.is_tensor(g["lr"]):
+            g["lr"].fill_(b * factor)
+        else:
+            g["lr"] = b * factor
+
+
+def _tensors(obj) -> list:
+    """The tensors of a (nested) kwargs structure, in a fixed order."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in _tensors(obj[k])]
+    return []
+
+
+def _layout(obj):
+    """What must agree between batches for one captured step to serve them all: structure, tensor shapes,
+    dtypes and devices, and the non-tensor values."""
+    if torch.is_tensor(obj):
+        return ("T", tuple(obj.shape), obj.dtype, str(obj.device))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj).__name__, tuple(_layout(v) for v in obj))
+    if isinstance(obj, dict):
+        return ("dict", tuple((k, _layout(obj[k])) for k in sorted(obj)))
+    return ("V", repr(obj))
+
+
+def graph_obstacle(cfg: TrainConfig, hidden, kwargs, targets, types, valid) -> str | None:
+    """Why the steps of this layer cannot be replayed from one CUDA graph (None: they can)."""
+    if cfg.cuda_graph is False:
+        return "method.cuda_graph=false"
+    if not hidden[0].is_cuda:
+        return "not on a CUDA device"
+    if cfg.on_nonfinite == "keep_last":
+        return "on_nonfinite=keep_last checks every step on the host"
+    if cfg.amp == "fp16":
+        return "fp16 loss scaling checks every step on the host"
+    first = _layout((hidden[0], kwargs[0], targets[0], None if types is None else types[0],
+                     None if valid is None else valid[0]))
+    for j in range(1, len(hidden)):
+        if _layout((hidden[j], kwargs[j], targets[j], None if types is None else types[j],
+                    None if valid is None else valid[j])) != first:
+            return f"calibration batch {j} differs in shape from batch 0"
+    return None
+
+
+class CapturedStep:
+    """One training step (forward, loss, backward, optimizer update) captured once in a CUDA graph and then
+    replayed, each batch copied into the graph's static inputs first: the host launches one graph instead of
+    every operator of the step. ``step(h, kw, y, types, valid) -> (out, loss)`` is the eager step; it must not
+    synchronise with the host. The optimizer must be ``capturable`` with tensor learning rates."""
+
+    def __init__(self, step: Callable, batch: tuple):
+        self.static = tuple(_clone(x) for x in batch)
+        self.graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph):
+            self.out, self.loss = step(*self.static)
+
+    def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        for dst, src in zip(_tensors(self.static), _tensors(batch)):
+            if dst is not src:
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.out, self.loss
+
+
+def _clone(obj):
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_clone(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+GRAPH_WARMUP = 3  # eager steps (on a side stream) before the capture, as CUDA-graph capture asks
+
+
 def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, targets, cfg: TrainConfig,
                 index: int, token_types=None, num_types: int = 1, valid: list | None = None) -> dict:
     """Optimise ``plan``'s parameters on one layer (``cfg.amp``: the layer's forward under autocast, the
     parameters, the optimizer and the loss in float32); returns loss / step info, and ``err``: per token
     type (one entry when untyped), the relative block-output error ``sum |out - y|^2 / sum |y|^2`` over
     the last epoch. The host waits for the device once per epoch (``on_nonfinite="raise"``: a non-finite
-    loss is reported with its epoch) or once per step (``keep_last``: the last finite step is restored)."""
+    loss is reported with its epoch) or once per step (``keep_last``: the last finite step is restored).
+    On a GPU, when every calibration batch has the same shapes, the steps after the first
+    :data:`GRAPH_WARMUP` are replayed from a CUDA graph (:class:`CapturedStep`; ``cfg.cuda_graph``)."""
     main, clips = plan.param_groups()
-    groups = [g for g in ({"params": main, "lr": cfg.lr}, {"params": clips, "lr": cfg.lr * cfg.clip_lr_mult})
-              if g["params"]]
+    base_lr = [lr for params, lr in ((main, cfg.lr), (clips, cfg.lr * cfg.clip_lr_mult)) if params]
     total = cfg.epochs * len(hidden)
     info = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0, "nonfinite": None,
-            "err": {}}
-    if not groups or total == 0:
+            "err": {}, "cuda_graph": "off"}
+    if not base_lr or total == 0:
         return info
+    obstacle = graph_obstacle(cfg, hidden, kwargs, targets, types, valid)
+    if cfg.cuda_graph is True and obstacle is not None:
+        raise ValueError(f"method.cuda_graph=true but layer {index} cannot be captured: {obstacle}")
+    graphed = obstacle is None and total > GRAPH_WARMUP
+    device = hidden[0].device
+    # a captured optimizer step reads its learning rate from a tensor the schedule fills in place
+    lr = (lambda v: torch.tensor(v, dtype=torch.float32, device=device)) if graphed else float
+    groups = [{"params": params, "lr": lr(b)} for params, b in zip([g for g in (main, clips) if g], base_lr)]
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
     fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None)
-    device = hidden[0].device
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=fused or None, capturable=graphed)
     amp_dtype = AMP_DTYPES[cfg.amp]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=amp_dtype, cache_enabled=False))
+                if amp_dtype is not None else nullcontext)
     # float16 needs loss scaling against gradient underflow; bfloat16 has float32's range
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, cfg.min_lr_ratio))
+    schedule = _cosine(total, cfg.min_lr_ratio)
+    _set_lr(opt, base_lr, schedule(0))
     per_step = cfg.on_nonfinite == "keep_last"
     last_good = [p.detach().clone() for p in params] if per_step else None
     err_num = torch.zeros(max(num_types, 1), dtype=torch.float64, device=device)
     err_den = torch.zeros_like(err_num)
-    step = 0
-    for epoch in range(cfg.epochs):
-        running = torch.zeros((), dtype=torch.float64, device=device)
-        last_epoch = epoch == cfg.epochs - 1
-        for j, (h, kw, y) in enumerate(zip(hidden, kwargs, targets)):
-            v = None if valid is None else valid[j]
-            with parametrize.cached(), _batch_types(token_types, types, j):
-                with autocast():
-                    out = layer_output(layer(h, **kw))
-                out = out.to(y.dtype)  # the loss in the targets' (full) precision
-                t = types[j] if (cfg.loss_by_type and types is not None) else None
-                loss = blockwise_loss(out, y, t, num_types, v)
-                if per_step and not torch.isfinite(loss):
+
+    def step(h, kw, y, t, v):
+        """Forward, loss, backward, update; ``t``: the batch's token types (None: untyped)."""
+        with parametrize.cached(), _types_in_use(token_types, t):
+            with autocast():
+                out = layer_output(layer(h, **kw))
+            out = out.to(y.dtype)  # the loss in the targets' (full) precision
+            loss = blockwise_loss(out, y, t if cfg.loss_by_type else None, num_types, v)
+            if per_step:
+                if not torch.isfinite(loss):
+                    return out, None
+                with torch.no_grad():
+                    for p, good in zip(params, last_good):
+                        good.copy_(p)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return out, loss
+
+    captured, side = None, (torch.cuda.Stream(device) if graphed else None)
+    step_no = 0
+    try:
+        for epoch in range(cfg.epochs):
+            running = torch.zeros((), dtype=torch.float64, device=device)
+            last_epoch = epoch == cfg.epochs - 1
+            for j, (h, kw, y) in enumerate(zip(hidden, kwargs, targets)):
+                batch = (h, kw, y, None if types is None else types[j], None if valid is None else valid[j])
+                if not graphed:
+                    out, loss = step(*batch)
+                elif step_no < GRAPH_WARMUP:
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):
+                        out, loss = step(*batch)
+                    torch.cuda.current_stream(device).wait_stream(side)
+                else:
+                    if captured is None:
+                        try:
+                            captured = CapturedStep(step, batch)
+                        except RuntimeError as e:  # something in the step cannot be captured
+                            if cfg.cuda_graph is True:
+                                raise
+                            obstacle = f"capture failed: {str(e).splitlines()[0][:120]}"
+                            log.warning(f"layer {index}: {obstacle}; the remaining steps run eagerly")
+                            graphed = False
+                    out, loss = captured(batch) if graphed else step(*batch)
+                if loss is None:  # keep_last: restore the last finite parameters, stop this layer
                     with torch.no_grad():
                         for p, good in zip(params, last_good):
                             p.copy_(good)
-                    info["nonfinite"] = f"layer {index}, epoch {epoch}, batch {j} (step {step})"
-                    info["steps"] = step
+                    info["nonfinite"] = f"layer {index}, epoch {epoch}, batch {j} (step {step_no})"
+                    info["steps"] = step_no
                     return info
-                if per_step:
+                if last_epoch:
                     with torch.no_grad():
-                        for p, good in zip(params, last_good):
-                            good.copy_(p)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-            if last_epoch:
-                with torch.no_grad():
-                    ti = _type_index(types[j] if types is not None else None, v, out)
-                    e = (out.detach() - y).pow(2).sum(-1).to(torch.float64)
-                    ref = y.pow(2).sum(-1).to(torch.float64)
-                    keep = ti >= 0
-                    err_num.index_add_(0, ti[keep], e[keep])
-                    err_den.index_add_(0, ti[keep], ref[keep])
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            running += loss.detach()
-        mean = float(running) / len(hidden)  # one host sync per epoch
-        if not math.isfinite(mean):
-            raise NonFiniteLossError(f"non-finite block loss in layer {index}, epoch {epoch}; "
-                                     "lower method.lr or set method.on_nonfinite=keep_last")
-        if epoch == 0:
-            info["loss_first_epoch"] = mean
-        info["loss_last_epoch"] = mean
-    info["steps"] = step
+                        ti = _type_index(batch[3], batch[4], out)
+                        e = (out.detach() - y).pow(2).sum(-1).to(torch.float64)
+                        ref = y.pow(2).sum(-1).to(torch.float64)
+                        keep = ti >= 0  # padding (-1) adds nothing; no boolean indexing: no host sync
+                        ti = ti.clamp(min=0).flatten()
+                        err_num.index_add_(0, ti, (e * keep).flatten())
+                        err_den.index_add_(0, ti, (ref * keep).flatten())
+                step_no += 1
+                _set_lr(opt, base_lr, schedule(step_no))
+                running += loss.detach()
+            mean = float(running) / len(hidden)  # one host sync per epoch
+            if not math.isfinite(mean):
+                raise NonFiniteLossError(f"non-finite block loss in layer {index}, epoch {epoch}; "
+                                         "lower method.lr or set method.on_nonfinite=keep_last")
+            if epoch == 0:
+                info["loss_first_epoch"] = mean
+            info["loss_last_epoch"] = mean
+    finally:
+        del captured  # the graph's memory pool
+        for p in params:
+            p.grad = None
+    info["steps"] = step_no
+    info["cuda_graph"] = "on" if graphed else obstacle
     names = token_types.names if (token_types is not None and types is not None) else ["all"]
     rel = (err_num / err_den.clamp(min=1e-300)).tolist()
     info["err"] = {n: rel[k] for k, n in enumerate(names) if err_den[k] > 0}
     return info
+
+
+@contextmanager
+def _types_in_use(token_types, t):
+    if token_types is None or t is None:
+        yield
+    else:
+        with token_types.use(t):
+            yield
 
 
 def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, want_cov: bool = False,
@@ -376,5 +517,6 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         "loss_first_epoch": "|".join(f"{v:.4g}" for v in first),
         "loss_last_epoch": "|".join(f"{v:.4g}" for v in last),
         "nonfinite": "; ".join(info.get("nonfinite", [])) or "none",
+        "cuda_graph": "; ".join(sorted({str(r.get("cuda_graph", "off")) for r in losses})),
     })
     return info

@@ -2,7 +2,7 @@
 
 Every transformed linear input (qkv, gate/up, down, o) gets one orthogonal weight-side basis ``Q``
 (``= P_w^T``; dense ``d x d`` or Kronecker ``Q_l (x) Q_r``, kept orthogonal by
-``torch.nn.utils.parametrizations.orthogonal`` with the Cayley map) split into a shared block and one
+:class:`~freeact.transforms.affine.CayleyOrthogonal`, the Cayley map) split into a shared block and one
 unique block of rank ``r_k`` per token type; a type-k token's activation ``(x / s) Q`` has the
 coordinates unique to the other types zeroed (:class:`~freeact.transforms.typed.TypeMask`, online,
 before the activation quantizer). The weight side ``W diag(s) Q`` is one static matrix merged into

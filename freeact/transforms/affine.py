@@ -10,9 +10,10 @@ A transformed linear input ("site") of width ``d`` computes, for every linear th
 * each factor is ``U diag(sigma) V^T`` with ``U, V`` orthogonal (``kind="invertible"``, FlatQuant's
   SVD form, so ``P^{-1} = V diag(1/sigma) U^T`` is exact and cheap) or just ``U``
   (``kind="orthogonal"``, FreeAct). ``U`` and ``V`` are kept orthogonal by
-  ``torch.nn.utils.parametrizations.orthogonal`` with the **Cayley** map and the default dynamic
-  trivialisation: the initial matrix is stored as ``base`` and the learnable skew part starts at
-  zero, so training starts exactly at the initial matrix;
+  :class:`CayleyOrthogonal` (the **Cayley** map with dynamic trivialisation, as
+  ``torch.nn.utils.parametrizations.orthogonal``, without its host synchronisation): the initial matrix
+  is stored as ``base`` and the learnable skew part starts at zero, so training starts exactly at the
+  initial matrix;
 * ``s`` is a learnable per-channel scale (SmoothQuant-style init ``max|x_j|^a / max|W_j|^(1-a)``).
 
 ``x @ (A (x) B)`` is computed as ``A^T X B`` on ``x`` reshaped to ``(..., d_l, d_r)``
@@ -40,12 +41,12 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrize
 
 from ..quant.quantizer import QuantSpec, fake_quant
 
-__all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "initial_matrix", "smooth_scale", "LearnableSquare",
-           "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear",
+__all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "initial_matrix", "smooth_scale",
+           "CayleyOrthogonal", "LearnableSquare", "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear",
            "OnlineMemo"]
 
 KINDS = ("invertible", "orthogonal")
@@ -93,8 +94,33 @@ class _Matrix(nn.Module):
         self.weight = nn.Parameter(init.clone())
 
 
+class CayleyOrthogonal(nn.Module):
+    """Parametrization ``weight = base @ (I - A/2)^{-1} (I + A/2)`` with ``A = tril(X) - tril(X)^T``: the
+    Cayley map with dynamic trivialisation of ``torch.nn.utils.parametrizations.orthogonal`` (the same
+    function of the same parameter), solved with ``torch.linalg.solve_ex``: no host synchronisation for
+    the error check, so a training step can be captured in a CUDA graph. ``base`` is the initial
+    (orthogonal) matrix and ``X`` starts at zero, so training starts exactly at it."""
+
+    def __init__(self, n: int, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("base", torch.eye(n, dtype=dtype))
+        self.register_buffer("eye", torch.eye(n, dtype=dtype))
+
+    def forward(self, X: Tensor) -> Tensor:
+        L = X.tril()
+        A = L - L.mT
+        Q, _ = torch.linalg.solve_ex(self.eye - 0.5 * A, self.eye + 0.5 * A)
+        return self.base @ Q
+
+    def right_inverse(self, Q: Tensor) -> Tensor:
+        self.base = Q.detach().clone()
+        return torch.zeros_like(Q)
+
+
 def _orthogonal(init: Tensor) -> nn.Module:
-    return parametrizations.orthogonal(_Matrix(init), orthogonal_map="cayley", use_trivialization=True)
+    m = _Matrix(init)
+    parametrize.register_parametrization(m, "weight", CayleyOrthogonal(init.shape[0], init.dtype), unsafe=True)
+    return m
 
 
 # ----------------------------------------------------------------------------- learnable matrices
