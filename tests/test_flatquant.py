@@ -281,13 +281,14 @@ def test_blockwise_loss_leaves_out_padding_and_sums_types():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-@pytest.mark.parametrize("method", ["flatquant", "freeact"])
-def test_cuda_graph_steps_match_eager_steps(tiny_model, tokenizer, method):
+@pytest.mark.parametrize("method,kind", [("flatquant", "llada"), ("freeact", "llada"), ("flatquant", "dream"),
+                                         ("freeact", "dream")])
+def test_cuda_graph_steps_match_eager_steps(tiny_model, tokenizer, method, kind):
     """The same training with every step eager and with the steps after the warm-up replayed from a CUDA graph:
     the same losses and the same quantized model."""
     got = {}
     for graph in (False, True):
-        model = tiny_model("llada").cuda()
+        model = tiny_model(kind).cuda()
         ctx = make_ctx(model, tokenizer, w=4, a=4, n=6)
         ctx.device = "cuda"
         info = get_method(method, {"epochs": 3, "batch_size": 2, "cuda_graph": graph, "amp": "off"}).apply(ctx)

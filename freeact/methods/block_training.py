@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config.methods import NONFINITE_MODES
 from ..quant.kv import IMPL
+from ..transforms.affine import OnlineMemo
 from ..transforms.typed import TypeCovariance
 from .blockwise import capture_inputs, capture_layer0_inputs, layer_output
 
@@ -364,8 +366,19 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
     err_num = torch.zeros(max(num_types, 1), dtype=torch.float64, device=device)
     err_den = torch.zeros_like(err_num)
 
+    memos = [m for m in layer.modules() if isinstance(m, OnlineMemo)]
+
     def step(h, kw, y, t, v):
-        """Forward, loss, backward, update; ``t``: the batch's token types (None: untyped)."""
+        """Forward, loss, backward, update; ``t``: the batch's token types (None: untyped). Nothing of the
+        step's autograd graph outlives it (detached outputs, memos cleared): a graph kept alive would tie the
+        parameters' gradient accumulators to the stream it was built on, which a CUDA-graph capture cannot use."""
+        try:
+            return _step(h, kw, y, t, v)
+        finally:
+            for m in memos:
+                m.clear_memo()
+
+    def _step(h, kw, y, t, v):
         with parametrize.cached(), _types_in_use(token_types, t):
             with autocast():
                 out = layer_output(layer(h, **kw))
@@ -373,7 +386,7 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
             loss = blockwise_loss(out, y, t if cfg.loss_by_type else None, num_types, v)
             if per_step:
                 if not torch.isfinite(loss):
-                    return out, None
+                    return out.detach(), None
                 with torch.no_grad():
                     for p, good in zip(params, last_good):
                         good.copy_(p)
@@ -381,7 +394,7 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
             scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        return out, loss
+        return out.detach(), loss.detach()
 
     captured, side = None, (torch.cuda.Stream(device) if graphed else None)
     step_no = 0
@@ -406,7 +419,9 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
                             if cfg.cuda_graph is True:
                                 raise
                             obstacle = f"capture failed: {str(e).splitlines()[0][:120]}"
-                            log.warning(f"layer {index}: {obstacle}; the remaining steps run eagerly")
+                            first = e.__context__ or e  # the op that broke the capture, when it raised first
+                            log.warning(f"layer {index}: {obstacle}; the remaining steps run eagerly\n"
+                                        + "".join(traceback.format_exception(first)[-12:]))
                             graphed = False
                     out, loss = captured(batch) if graphed else step(*batch)
                 if loss is None:  # keep_last: restore the last finite parameters, stop this layer
