@@ -82,6 +82,8 @@ class StepTimes:
             torch.cuda.synchronize()
 
     def __call__(self, *_):
+        if self.cuda and torch.cuda.is_current_stream_capturing():
+            return  # the step being captured into a CUDA graph: no synchronising, no clock
         self._sync()
         self.times.append(time.perf_counter())
         n = len(self.times)

@@ -104,12 +104,12 @@ class CayleyOrthogonal(nn.Module):
     def __init__(self, n: int, dtype=torch.float32):
         super().__init__()
         self.register_buffer("base", torch.eye(n, dtype=dtype))
-        self.register_buffer("eye", torch.eye(n, dtype=dtype))
 
     def forward(self, X: Tensor) -> Tensor:
         L = X.tril()
         A = L - L.mT
-        Q, _ = torch.linalg.solve_ex(self.eye - 0.5 * A, self.eye + 0.5 * A)
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        Q, _ = torch.linalg.solve_ex(eye - 0.5 * A, eye + 0.5 * A)
         return self.base @ Q
 
     def right_inverse(self, Q: Tensor) -> Tensor:
