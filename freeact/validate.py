@@ -212,6 +212,9 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     for key in ("force", "progress", "save_model"):
         _check(isinstance(cfg[key], bool), f"{key}={cfg[key]!r} must be true or false")
     resolve_method(cfg, explicit_method_keys)
+    if cfg.method.get("cuda_graph") is True and not cfg.device.startswith("cuda"):
+        _check(cfg.device == "auto" and __import__("torch").cuda.is_available(),
+               f"method.cuda_graph=true needs a CUDA device (device={cfg.device}); use auto or false")
     _writable_file("results_file", cfg.results_file)
     m = cfg.model
     _check(m.family in FAMILIES, f"model.family={m.family!r} must be one of {FAMILIES}")

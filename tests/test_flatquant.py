@@ -299,3 +299,17 @@ def test_cuda_graph_steps_match_eager_steps(tiny_model, tokenizer, method, kind)
         got[graph] = ([float(v) for v in info["loss_last_epoch"].split("|")], logits)
     assert got[True][0] == pytest.approx(got[False][0], rel=1e-4)
     torch.testing.assert_close(got[True][1], got[False][1], rtol=1e-3, atol=1e-3)
+
+
+def test_cuda_graph_setting_is_checked_and_explains_when_it_is_off(tiny_model, tokenizer):
+    """auto runs eagerly on a CPU and says why in the row; true refuses to run where no graph can be captured."""
+    from freeact.config.methods import SettingsError, parse_settings
+
+    with pytest.raises((SettingsError, ValueError), match="cuda_graph"):
+        parse_settings({"name": "flatquant", "cuda_graph": "maybe"})
+    model = tiny_model("llada")
+    info = FlatQuant({"epochs": 1, "batch_size": 2}).apply(make_ctx(model, tokenizer, w=4, a=4))
+    assert info["cuda_graph"] == "not on a CUDA device"
+    with pytest.raises(ValueError, match="method.cuda_graph=true but layer 0 cannot be captured: not on a CUDA"):
+        FlatQuant({"epochs": 1, "batch_size": 2, "cuda_graph": True}).apply(make_ctx(tiny_model("llada"), tokenizer,
+                                                                                      w=4, a=4))
