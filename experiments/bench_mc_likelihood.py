@@ -33,7 +33,8 @@ import yaml
 
 from freeact.eval.elbo import sequences_nll, stratified_masks
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny, load_tokenizer
+from freeact.models.loading import load_tokenizer
+from freeact.models.tiny import build_tiny
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

@@ -16,13 +16,15 @@ from .data.calib import build_calib_set
 from .eval import evaluate
 from .methods import QuantContext, QuantSettings, get_method
 from .models import get_adapter
-from .models.loading import default_tokenizer_dir, load_model, pick_device, resolve_path
+from .models.loading import load_model, pick_device
+from .models.tiny import default_tokenizer_dir
+from .paths import resolve_path
 from .tracking.results import flatten
 
 
 def load_model_processor(mcfg):
     """A VLM's processor (tokenizer + image processor): the checkpoint's, or the shipped tiny one."""
-    from .data.multimodal import load_processor
+    from .data.processor import load_processor
 
     path = mcfg.tokenizer or (default_tokenizer_dir(mcfg.family) if mcfg.source == "tiny" else mcfg.path)
     return load_processor(resolve_path(path))

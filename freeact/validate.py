@@ -47,7 +47,7 @@ def _is_local(path: str) -> bool:
 
 
 def _resolve_package_path(key: str, path: str) -> str:
-    """``pkg://PACKAGE/sub/dir`` -> a directory of the installed package (see models.loading.resolve_path)."""
+    """``pkg://PACKAGE/sub/dir`` -> a directory of the installed package (see freeact.paths.resolve_path)."""
     from .paths import resolve_path
 
     try:
@@ -84,7 +84,8 @@ def _check_multimodal_source(cfg: DictConfig, key: str) -> None:
     import importlib.util
 
     from .data import easy_vqa
-    from .data.multimodal import SYNTHETIC, jsonl_file
+    from .data.vqa_records import jsonl_file
+    from .data.vqa_sources import SYNTHETIC
 
     _check(cfg.model.family == "vlm", f"{key}.kind=multimodal needs a vision-language model (model.family=vlm), "
                                       f"got model.family={cfg.model.family!r}")

@@ -63,7 +63,7 @@ def tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer):
     """Factory: tiny_model('llama'|'llada'|'dream', dtype=torch.float32) -> model in eval mode."""
-    from freeact.models.loading import build_tiny
+    from freeact.models.tiny import build_tiny
 
     def make(kind: str, dtype=torch.float32, seed=0):
         family, arch = TINY_ARCH[kind]
@@ -76,7 +76,7 @@ def conf_model(name: str, tokenizer, dtype=torch.float32):
     """The tiny model of ``conf/model/<name>.yaml`` (e.g. tiny_llada), built on ``tokenizer``, in eval mode."""
     from omegaconf import OmegaConf
 
-    from freeact.models.loading import build_tiny
+    from freeact.models.tiny import build_tiny
 
     m = OmegaConf.load(os.path.join(CONF_DIR, "model", f"{name}.yaml"))
     return build_tiny(m.family, OmegaConf.to_container(m.arch), tokenizer).to(dtype).eval()

@@ -127,7 +127,7 @@ def test_train_vlm_tiny_end_to_end(tmp_path):
 
 def test_elbo_with_a_start_token_never_masks_or_scores_it(tokenizer):
     from freeact.data.text import read_text, token_stream
-    from freeact.models.loading import build_tiny
+    from freeact.models.tiny import build_tiny
 
     model = build_tiny("llada", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                      num_key_value_heads=2, max_position_embeddings=64), tokenizer)

@@ -83,6 +83,35 @@ def test_ar_and_dllm_run_mc_and_generation_tasks(name, tokenizer, tmp_path, monk
     assert res["freeact_mc.n"] == 2 and res["freeact_gsm8k.n"] == 2
 
 
+def test_ar_multiple_choice_accuracy_equals_a_hand_computed_reference(tokenizer, tmp_path, monkeypatch):
+    """acc / acc_norm of freeact_mc through lm-eval against the published rule computed by hand: each choice
+    scored by the summed log-probability of " " + its text after the prompt (acc_norm: divided by its length
+    in characters), the argmax compared with the answer key."""
+    monkeypatch.chdir(tmp_path)
+    model = conf_model("tiny_llama", tokenizer)
+    n = 8
+    res = run_harness(model, get_adapter(model), tokenizer, ["freeact_mc"], **{**FAST, "limit": n})
+    docs = [json.loads(line) for line in (TASKS_DIR / "data" / "mc.jsonl").read_text().splitlines()[:n]]
+    acc, acc_norm = [], []
+    for d in docs:
+        ctx = f"Question: {d['question']}\nAnswer:"
+        ctx_ids = tokenizer.encode(ctx, add_special_tokens=False)
+        lls = []
+        for choice in d["choices"]["text"]:
+            cont = tokenizer.encode(ctx + " " + choice, add_special_tokens=False)[len(ctx_ids):]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ctx_ids + cont[:-1]])).logits[0, len(ctx_ids) - 1:]
+            lls.append(float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).sum()))
+        target = d["choices"]["label"].index(d["answerKey"])
+        best = max(range(len(lls)), key=lambda i: lls[i])
+        best_norm = max(range(len(lls)), key=lambda i: lls[i] / len(d["choices"]["text"][i]))
+        acc.append(best == target)
+        acc_norm.append(best_norm == target)
+    assert res["freeact_mc.n"] == n
+    assert res["freeact_mc.acc"] == pytest.approx(sum(acc) / n)
+    assert res["freeact_mc.acc_norm"] == pytest.approx(sum(acc_norm) / n)
+
+
 def test_flatten_results_names():
     raw = {"results": {"t": {"alias": "t", "acc,none": 0.5, "acc_stderr,none": 0.1, "exact_match,strict-match": 0.25,
                              "exact_match_stderr,strict-match": "N/A"}},

@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 
 from freeact.models import DreamModelLM, LLaDAModelLM, get_adapter
-from freeact.models.loading import load_pretrained, save_dream_checkpoint, save_llada_checkpoint
+from freeact.models.checkpoint_formats import save_dream_checkpoint, save_llada_checkpoint
+from freeact.models.loading import load_pretrained
 
 
 @pytest.mark.parametrize("kind", ["llama", "llada", "dream"])
@@ -148,7 +149,7 @@ def test_llada_checkpoint_carries_the_official_config(tiny_model, tmp_path):
 
 
 def test_llada_config_ids_come_from_the_config(tmp_path):
-    from freeact.models.loading import llada_config_from_json
+    from freeact.models.checkpoint_formats import llada_config_from_json
 
     raw = {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "n_layers": 1, "mlp_hidden_size": 96, "vocab_size": 300,
            "embedding_size": 320, "mask_token_id": 299, "eos_token_id": 7, "pad_token_id": 8}

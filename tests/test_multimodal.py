@@ -9,13 +9,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from freeact.data.multimodal import (KINDS, COLOURS, GridImageProcessor, MultimodalCalibSet, encode_prompts,
-                                     encode_with_continuations, generate_synthetic_vqa, load_processor,
-                                     load_records, record_images)
+from freeact.data.multimodal import MultimodalCalibSet
+from freeact.data.processor import GridImageProcessor, encode_prompts, encode_with_continuations, load_processor
+from freeact.data.vqa_records import load_records, record_images
+from freeact.data.vqa_sources import COLOURS, KINDS, generate_synthetic_vqa
 from freeact.eval.multimodal import (anls, continuation_logprobs, evaluate_records, generate_answers,
                                      normalize_vqa_answer, vqa_accuracy)
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny, default_tokenizer_dir, load_tokenizer
+from freeact.models.loading import load_tokenizer
+from freeact.models.tiny import build_tiny, default_tokenizer_dir
 from freeact.models.token_types import TokenTypes, rules_from_names
 
 RTOL = 1e-6

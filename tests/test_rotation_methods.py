@@ -21,7 +21,7 @@ from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.smoothquant import input_absmax
 from freeact.methods.spinquant import load_rotations
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny
+from freeact.models.tiny import build_tiny
 from freeact.quant.act import set_act_quant
 from freeact.quant.quantizer import QuantSpec
 from freeact.transforms.cayley import CayleySGD, orthogonality_error

@@ -16,7 +16,7 @@ from freeact.data.text import read_text, token_stream
 from freeact.eval.elbo import elbo
 from freeact.experiment import load_model
 from freeact.models import LLaDAModelLM, get_adapter
-from freeact.models.loading import resolve_path
+from freeact.paths import resolve_path
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
@@ -104,7 +104,8 @@ def test_testbed_ar_loads_smollm2_from_the_installed_package():
 @requires_easy_vqa
 def test_easy_vqa_records_and_baselines(tmp_path, monkeypatch):
     from freeact.data import easy_vqa
-    from freeact.data.multimodal import load_records, resolve_source
+    from freeact.data.vqa_records import load_records
+    from freeact.data.vqa_sources import resolve_source
 
     train, test = easy_vqa.records("train"), easy_vqa.records("test")
     assert (len(train), len(test)) == (38575, 9673)
@@ -126,7 +127,8 @@ def test_easy_vqa_records_and_baselines(tmp_path, monkeypatch):
 @requires_real
 @requires_easy_vqa
 def test_testbed_vlm_loads_and_answers_easy_vqa():
-    from freeact.data.multimodal import load_records, resolve_source
+    from freeact.data.vqa_records import load_records
+    from freeact.data.vqa_sources import resolve_source
     from freeact.eval.multimodal import evaluate_records
     from freeact.experiment import load_model_processor
 

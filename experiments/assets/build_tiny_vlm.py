@@ -1,11 +1,11 @@
 """Build the processor assets of the tiny Qwen2.5-VL shipped in ``freeact/assets/tiny_vlm/``.
 
 The tiny vision-language model itself has random weights and is built from
-``conf/model/tiny_vlm.yaml`` (``freeact.models.loading.build_tiny("vlm", ...)``); this script
+``conf/model/tiny_vlm.yaml`` (``freeact.models.tiny.build_tiny("vlm", ...)``); this script
 only writes what a processor needs, loadable offline with
 ``transformers.AutoProcessor.from_pretrained("freeact/assets/tiny_vlm")`` (transformers 5.x with
 torchvision, which Qwen2.5-VL's video processor needs) or, without torchvision, with
-``freeact.data.multimodal.load_processor`` (tokenizer + image processor, images only):
+``freeact.data.processor.load_processor`` (tokenizer + image processor, images only):
 
 * the tokenizer is the shipped byte-level BPE (``freeact/assets/tokenizer``, ids 0..4095)
   extended with Qwen2.5-VL's chat and vision special tokens, ids 4096..4101:

@@ -31,7 +31,9 @@ import transformers
 from freeact.data.text import read_text, token_stream
 from freeact.eval.elbo import elbo
 from freeact.models import get_adapter
-from freeact.models.loading import build_tiny, load_tokenizer, save_llada_checkpoint
+from freeact.models.checkpoint_formats import save_llada_checkpoint
+from freeact.models.loading import load_tokenizer
+from freeact.models.tiny import build_tiny
 
 ARCH = dict(hidden_size=384, intermediate_size=1152, num_hidden_layers=6, num_attention_heads=6,
             num_key_value_heads=6, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,

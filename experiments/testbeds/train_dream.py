@@ -39,7 +39,8 @@ from freeact.eval.elbo import elbo  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402
 from freeact.models.composed import SPEC_FILE, compose, save_trained  # noqa: E402
 from freeact.models.dllm import DreamConfig, DreamModelLM  # noqa: E402
-from freeact.models.loading import load_pretrained, resolve_path  # noqa: E402
+from freeact.models.loading import load_pretrained  # noqa: E402
+from freeact.paths import resolve_path  # noqa: E402
 
 MASK_TOKEN = "<|mdm_mask|>"
 

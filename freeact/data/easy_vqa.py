@@ -4,7 +4,7 @@ yes/no, colour and shape questions; 4,000 train / 1,000 test images, 38,575 / 9,
 download; it trains and scores ``testbed_vlm``.
 
 ``source: easy_vqa/train`` or ``easy_vqa/test`` in a calibration or evaluation config stands for
-the records of that split (:func:`freeact.data.multimodal.resolve_source` writes them once as a
+the records of that split (:func:`freeact.data.vqa_sources.resolve_source` writes them once as a
 JSONL folder into the cache; the image paths point into the installed package).
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ in-memory, possibly quantized, vision-language model.
 ``doc_to_visual`` images) that wraps the model object and its processor, so a model quantized by
 freeact is evaluated as it is in memory; prompts use the processor's chat template with the
 images first, as lmms-eval's own Qwen2.5-VL / InternVL wrappers do. :func:`local_tasks` defines
-tasks on a local JSONL folder (``freeact.data.multimodal`` format) with no download;
+tasks on a local JSONL folder (``freeact.data.vqa_records`` format) with no download;
 :func:`run_lmms_eval` runs any task list and returns flat ``{task.metric: value}``.
 
 Installing lmms-eval
@@ -45,7 +45,7 @@ a task YAML directory through ``include_path``::
 ``tasks`` are lmms-eval task names (``python -m lmms_eval --tasks list``); ``limit=N`` takes the
 first N documents of each. Offline, on the synthetic set or any JSONL folder::
 
-    from freeact.data.multimodal import generate_synthetic_vqa
+    from freeact.data.vqa_sources import generate_synthetic_vqa
     folder = generate_synthetic_vqa("/tmp/vqa", n=48, seed=0)
     metrics = run_lmms_eval(model, processor, tasks=local_tasks(folder), include_defaults=False)
 
@@ -62,7 +62,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.multimodal import encode_prompts, load_image, load_records, to_device, tokenizer_of
+from ..data.processor import encode_prompts, to_device, tokenizer_of
+from ..data.vqa_records import load_image, load_records
 from .multimodal import anls, continuation_logprobs, references, vqa_accuracy
 
 #: local task per record type: (name, output type, metric)
@@ -194,7 +195,7 @@ def local_tasks(folder, max_new_tokens: int = 8) -> list[dict]:
     """lmms-eval task configs over a local JSONL folder, one per record type present:
     ``freeact_vqa_open`` (greedy answers, VQA accuracy), ``freeact_vqa_text`` (greedy answers,
     ANLS) and ``freeact_vqa_mc`` (accuracy of the most likely option). Image paths are made
-    absolute, as :func:`freeact.data.multimodal.load_records` does."""
+    absolute, as :func:`freeact.data.vqa_records.load_records` does."""
     records = load_records(folder)
     data_file = str(Path(folder) / "data.jsonl") if Path(folder).is_dir() else str(folder)
     root = Path(data_file).parent

@@ -1,4 +1,4 @@
-"""Offline multimodal benchmark on a local JSONL folder (see :mod:`freeact.data.multimodal`).
+"""Offline multimodal benchmark on a local JSONL folder (see :mod:`freeact.data.vqa_records`).
 
 Per record ``type``:
 
@@ -23,8 +23,9 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from ..data.multimodal import (encode_prompts, encode_with_continuations, load_records, resolve_source,
-                               to_device, tokenizer_of)
+from ..data.processor import encode_prompts, encode_with_continuations, to_device, tokenizer_of
+from ..data.vqa_records import load_records
+from ..data.vqa_sources import resolve_source
 
 # -- the standard VQA answer normalisation (VQA evaluation code, as used by EvalAI / lmms-eval) ---
 _CONTRACTIONS = dict(pair.split(":") for pair in """

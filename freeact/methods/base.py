@@ -16,77 +16,16 @@ at a time is paged onto ``ctx.device`` (see :mod:`freeact.methods.streaming`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
-from ..data.calib import CalibSet
 from ..config.methods import GPTQSettings, as_dict, parse_settings
-from ..models.adapter import ModelAdapter
-from ..quant.act import InputQuantizer, attach_input_quantizer, set_act_quant
-from ..quant.gptq import HessianAccumulator, gptq_quantize_weight
+from ..quant.act import InputQuantizer, attach_input_quantizer
 from ..quant.kv import QKVHook, install_qkv_hooks
-from ..quant.quantizer import QuantSpec
-from ..quant.rtn import rtn_quantize_weight
-from .blockwise import capture_inputs, capture_layer0_inputs, run_layer
-from .streaming import CACHES, resident, streaming_context
+from .context import QuantContext
+from .streaming import streaming_context
+from .weight_quant import gptq_weights, rtn_weights
 
-_METHODS: dict[str, type["Method"]] = {}
-
-
-def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return deco
-
-
-def method_names() -> list[str]:
-    return sorted(_METHODS)
-
-
-def get_method(name: str, cfg: dict) -> "Method":
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; known: {method_names()}")
-    return _METHODS[name](cfg)
-
-
-@dataclass
-class QuantSettings:
-    weight: QuantSpec
-    act: QuantSpec
-    kv: QuantSpec
-
-
-@dataclass
-class QuantContext:
-    model: nn.Module
-    adapter: ModelAdapter
-    quant: QuantSettings
-    calib: CalibSet | None
-    device: str = "cpu"
-    batch_size: int = 4
-    seed: int = 0
-    progress: bool = True
-    input_transforms: dict = field(default_factory=dict)  # nn.Linear -> nn.Module
-    qk_transform: object = None  # callable () -> nn.Module applied to post-RoPE q and k
-    learnable_act_clip: bool = False
-    streaming: bool = False  # keep the model on the CPU, page one decoder layer at a time onto `device`
-    stream_cache: str = "device"  # streaming: calibration hidden states on the device or in "pinned" CPU memory
-
-    def __post_init__(self):
-        if self.stream_cache not in CACHES:
-            raise ValueError(f"stream_cache must be one of {CACHES}, got {self.stream_cache!r}")
-
+__all__ = ["GPTQ_DEFAULTS", "Method"]
 
 GPTQ_DEFAULTS = GPTQSettings()
-
-# Linears of one block in GPTQ's "true sequential" order.
-SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
 class Method:
@@ -134,34 +73,9 @@ class Method:
             self.gptq(ctx) if algo == "gptq" else self.rtn(ctx)
 
     def rtn(self, ctx: QuantContext) -> None:
-        mse = self.cfg["mse_clip"]
-        for block in tqdm(ctx.adapter.blocks(), desc="rtn", disable=not ctx.progress, leave=False):
-            with resident(ctx.model, block.layer):
-                for lin in block.linears().values():
-                    lin.weight.data = rtn_quantize_weight(lin.weight.data, ctx.quant.weight, mse_clip=mse)
+        rtn_weights(ctx, self.cfg["mse_clip"])
 
-    @torch.no_grad()
     def gptq(self, ctx: QuantContext) -> None:
-        if ctx.calib is None:
-            raise ValueError("GPTQ needs calibration data")
-        model, adapter = ctx.model, ctx.adapter
-        set_act_quant(model, False)
-        offload = ctx.streaming and ctx.stream_cache == "pinned"
-        hidden, kwargs, types = capture_layer0_inputs(model, adapter, ctx.calib.batches(ctx.batch_size), ctx.device,
-                                                      offload=offload)
-        tt = getattr(model, "freeact_token_types", None)
         # methods whose settings have no GPTQ options (RTN, SmoothQuant with weight_algo=gptq) take GPTQ's own
         opts = {k: self.cfg.get(k, getattr(GPTQ_DEFAULTS, k)) for k in ("damp", "block_size", "act_order")}
-        opts["mse_clip"] = self.cfg["mse_clip"]
-        for i, block in enumerate(tqdm(adapter.blocks(), desc="gptq", disable=not ctx.progress, leave=False)):
-            with resident(model, block.layer):  # streaming: this layer on the device (Hessians too)
-                lins = block.linears()
-                for group in SEQUENTIAL_GROUPS:
-                    todo = {n: lins[n] for n in group if n in lins}
-                    acc = {n: HessianAccumulator(l.in_features, l.weight.device) for n, l in todo.items()}
-                    with capture_inputs(todo, lambda n, x: acc[n].add(x)):
-                        run_layer(block.layer, hidden, kwargs, types, tt)
-                    for n, lin in todo.items():
-                        lin.weight.data = gptq_quantize_weight(lin.weight.data, acc[n].H, ctx.quant.weight, **opts)
-                hidden = run_layer(block.layer, hidden, kwargs, types, tt)
-        set_act_quant(model, True)
+        gptq_weights(ctx, **opts, mse_clip=self.cfg["mse_clip"])

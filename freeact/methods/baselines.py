@@ -1,7 +1,8 @@
 """Methods without transforms: full precision, round-to-nearest, GPTQ."""
 from __future__ import annotations
 
-from .base import Method, register_method
+from .base import Method
+from .registry import register_method
 
 
 @register_method("fp16")

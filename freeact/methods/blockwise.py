@@ -16,7 +16,7 @@ class _Stop(Exception):
 
 def model_inputs(batch, device) -> dict:
     """Keyword arguments of the model for a calibration batch (ids tensor or dict of inputs)."""
-    from ..data.multimodal import to_device
+    from ..data.processor import to_device
 
     return {"input_ids": batch.to(device)} if torch.is_tensor(batch) else to_device(batch, device)
 

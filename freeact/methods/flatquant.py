@@ -35,7 +35,9 @@ from ..quant.kv import IMPL, QKVHook
 from ..transforms.affine import (AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
                                  WeightClip, merge_linear, smooth_scale)
 from ..transforms.fusion import fuse_norm_into_linears
-from .base import Method, QuantContext, register_method
+from .base import Method
+from .context import QuantContext
+from .registry import register_method
 from .block_training import TrainConfig, train_blockwise
 
 SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",), "o": ("o",)}

@@ -50,7 +50,8 @@ from ..models.token_types import TokenTypes, rules_from_names
 from ..transforms.affine import (AffineSite, HeadTransform, initial_matrix, kron_matmul, most_square_factors,
                                  random_orthogonal)
 from ..transforms.typed import TypeMask, owner_from_ranks, ranks_from_ratio, typed_basis, zeroed_energy
-from .base import QuantContext, register_method
+from .context import QuantContext
+from .registry import register_method
 from .flatquant import SITES, STAT_KEY, FlatQuant
 
 

@@ -27,7 +27,9 @@ import torch
 from ..transforms.fusion import fuse_norms
 from ..transforms.hadamard import OnlineHadamard, block_hadamard_matrix, random_hadamard_matrix
 from ..transforms.rotation import apply_residual_rotation, attention_output_transform, fuse_online_rotation
-from .base import Method, QuantContext, register_method
+from .base import Method
+from .context import QuantContext
+from .registry import register_method
 
 def _flag(value, auto: bool, key: str) -> bool:
     if value in ("auto", None):

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, QuantContext, register_method
+from .base import Method
+from .context import QuantContext
+from .registry import register_method
 from .blockwise import capture_inputs, model_inputs
 
 MIN_SCALE = 1e-5

@@ -45,7 +45,8 @@ from ..transforms.cayley import CayleySGD
 from ..transforms.hadamard import random_hadamard_matrix
 from ..transforms.rotation import check_orthogonal, rotate_input_side, rotated_block_params
 from ..config.methods import resolve_amp
-from .base import QuantContext, register_method
+from .context import QuantContext
+from .registry import register_method
 from .quarot import RotationMethod, _flag
 
 
