@@ -266,7 +266,8 @@ def test_flatquant_config_composes_and_validates(compose):
 
 
 def test_blockwise_loss_leaves_out_padding_and_sums_types():
-    from freeact.methods.block_training import blockwise_loss, real_tokens
+    from freeact.methods.block_training import blockwise_loss
+    from freeact.methods.blockwise import real_tokens
 
     out = torch.zeros(1, 4, 2)
     y = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [9.0, 9.0]]])  # per-token MSE 1, 4, 9, 81

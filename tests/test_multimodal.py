@@ -476,3 +476,46 @@ def test_lmms_eval_bridge_on_a_local_task(make_vlm, processor, records, tmp_path
                         max_new_tokens=8, progress=False)
     assert res["freeact_vqa_mc.acc"] == 1.0
     assert all(v == 1.0 for k, v in res.items()), res
+
+
+def test_padding_enters_no_gptq_hessian_nor_smoothquant_statistic(make_vlm, processor, records):
+    """Batches of several records are right-padded; GPTQ's Hessians and SmoothQuant's max |x| must be those of
+    the real tokens alone, i.e. the same as with one record per batch (no padding at all)."""
+    from freeact.methods import QuantContext, QuantSettings
+    from freeact.methods.blockwise import capture_layer0_inputs, real_tokens
+    from freeact.methods.smoothquant import input_absmax
+    from freeact.methods.weight_quant import layer_hessians
+    from freeact.quant.quantizer import QuantSpec
+
+    model = make_vlm(torch.float64)
+    adapter = get_adapter(model)
+    calib = MultimodalCalibSet(records, processor)
+    assert any(not bool(real_tokens(b).all()) for b in calib.batches(3))  # batches of 3 are padded
+
+    def hessians(batch_size, drop_padding=True):
+        batches = [f64(b) for b in calib.batches(batch_size)]
+        valid = [real_tokens(b) for b in batches] if drop_padding else None
+        hidden, kwargs, types = capture_layer0_inputs(model, adapter, batches, "cpu")
+        return {n: a.H for n, a in layer_hessians(adapter.block(0), ("q", "down"), hidden, kwargs, types,
+                                                   valid).items()}
+
+    ref, padded, counted = hessians(1), hessians(3), hessians(3, drop_padding=False)
+    for n in ref:  # H accumulates in float32: equal up to its rounding
+        rel = lambda h: float((h - ref[n]).norm() / ref[n].norm())  # noqa: E731
+        assert rel(padded[n]) < 1e-6, (n, rel(padded[n]))
+        assert rel(counted[n]) > 1e-3, (n, rel(counted[n]))  # counting the padding would change H
+
+    q = QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16))
+    lins = adapter.block(0).linears()
+
+    def absmax(batch_size):
+        class F64Calib:  # the calibration batches in the model's dtype
+            def batches(self, n):
+                return (f64(b) for b in calib.batches(n))
+
+        ctx = QuantContext(model, adapter, q, F64Calib(), batch_size=batch_size, progress=False)
+        return input_absmax(ctx, lins)
+
+    a1, a3 = absmax(1), absmax(3)
+    for n in a1:
+        torch.testing.assert_close(a3[n], a1[n], rtol=1e-9, atol=1e-12)

@@ -37,7 +37,7 @@ from ..config.methods import NONFINITE_MODES
 from ..quant.kv import IMPL
 from ..transforms.affine import OnlineMemo
 from ..transforms.typed import TypeCovariance
-from .blockwise import capture_inputs, capture_layer0_inputs, layer_output
+from .blockwise import capture_inputs, capture_layer0_inputs, layer_output, real_rows, real_tokens
 
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,6 @@ class _QKRecorder(nn.Module):
         return q, k, v
 
 
-def real_tokens(batch) -> torch.Tensor | None:
-    """``(batch, seq)`` bool mask of real (not padding) tokens of a calibration batch, or None when
-    the batch has no padding (a tensor of ids, or a dict without ``attention_mask``)."""
-    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
-    return None
-
-
 def _current_types(token_types, b: int, s: int, device) -> torch.Tensor:
     if token_types is None or token_types.current is None:
         return torch.zeros(b, s, dtype=torch.long, device=device)
@@ -167,8 +159,7 @@ def full_precision_pass(block, hidden, kwargs, types, token_types, num_types: in
     current = {"valid": None}
 
     def record(name, x):
-        rows = x if current["valid"] is None else x[current["valid"].to(x.device)]
-        m = rows.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float64)
+        m = real_rows(x, current["valid"]).abs().amax(0).to(torch.float64)
         stats.absmax[name] = torch.maximum(stats.absmax[name], m) if name in stats.absmax else m
         if want_cov:
             if name not in stats.cov:

@@ -57,6 +57,19 @@ def capture_layer0_inputs(model, adapter, batches, device="cpu", offload: bool =
     return hidden, kwargs, types
 
 
+def real_tokens(batch) -> torch.Tensor | None:
+    """``(batch, seq)`` bool mask of real (not padding) tokens of a calibration batch, or None when
+    the batch has no padding (a tensor of ids, or a dict without ``attention_mask``)."""
+    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return None
+
+
+def real_rows(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (batch, seq, d) as ``(tokens, d)`` rows of its real tokens (``valid``: (batch, seq) bool; None: all)."""
+    return x.reshape(-1, x.shape[-1]) if valid is None else x[valid.to(x.device)]
+
+
 def layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -26,7 +26,7 @@ import torch
 from .base import Method
 from .context import QuantContext
 from .registry import register_method
-from .blockwise import capture_inputs, model_inputs
+from .blockwise import capture_inputs, model_inputs, real_rows, real_tokens
 
 MIN_SCALE = 1e-5
 
@@ -38,12 +38,15 @@ def input_absmax(ctx: QuantContext, linears: dict[str, torch.nn.Linear]) -> dict
         raise ValueError("SmoothQuant needs calibration data")
     stats: dict[str, torch.Tensor] = {}
 
+    current = {"valid": None}
+
     def record(name, x):
-        m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        m = real_rows(x, current["valid"]).abs().amax(dim=0).float()
         stats[name] = m if name not in stats else torch.maximum(stats[name], m)
 
     with capture_inputs(linears, record):
         for batch in ctx.calib.batches(ctx.batch_size):
+            current["valid"] = real_tokens(batch)  # padding tokens of multimodal batches: not counted
             ctx.model(**model_inputs(batch, ctx.device), use_cache=False)
     return stats
 
