@@ -479,8 +479,8 @@ def test_lmms_eval_bridge_on_a_local_task(make_vlm, processor, records, tmp_path
 
 
 def test_padding_enters_no_gptq_hessian_nor_smoothquant_statistic(make_vlm, processor, records):
-    """Batches of several records are right-padded; GPTQ's Hessians and SmoothQuant's max |x| must be those of
-    the real tokens alone, i.e. the same as with one record per batch (no padding at all)."""
+    """Calibration batches are right-padded to the longest item of the set; GPTQ's Hessians and SmoothQuant's
+    max |x| must be those of the real tokens alone, i.e. the same as with one record per batch unpadded."""
     from freeact.methods import QuantContext, QuantSettings
     from freeact.methods.blockwise import capture_layer0_inputs, real_tokens
     from freeact.methods.smoothquant import input_absmax
@@ -492,14 +492,20 @@ def test_padding_enters_no_gptq_hessian_nor_smoothquant_statistic(make_vlm, proc
     calib = MultimodalCalibSet(records, processor)
     assert any(not bool(real_tokens(b).all()) for b in calib.batches(3))  # batches of 3 are padded
 
-    def hessians(batch_size, drop_padding=True):
-        batches = [f64(b) for b in calib.batches(batch_size)]
+    unpadded = [answer_batch(processor, [r]) for r in records]  # one record per batch, no padding
+    assert all(bool(real_tokens(b).all()) for b in unpadded)
+
+    def hessians(batches, drop_padding=True):
+        batches = [f64(b) for b in batches]
         valid = [real_tokens(b) for b in batches] if drop_padding else None
         hidden, kwargs, types = capture_layer0_inputs(model, adapter, batches, "cpu")
         return {n: a.H for n, a in layer_hessians(adapter.block(0), ("q", "down"), hidden, kwargs, types,
                                                    valid).items()}
 
-    ref, padded, counted = hessians(1), hessians(3), hessians(3, drop_padding=False)
+    padded_batches = list(calib.batches(3))
+    assert len({tuple(b["input_ids"].shape[1:]) for b in padded_batches}) == 1  # one width for the whole set
+    assert calib.width == max(b["input_ids"].shape[1] for b in unpadded)
+    ref, padded, counted = hessians(unpadded), hessians(padded_batches), hessians(padded_batches, False)
     for n in ref:  # H accumulates in float32: equal up to its rounding
         rel = lambda h: float((h - ref[n]).norm() / ref[n].norm())  # noqa: E731
         assert rel(padded[n]) < 1e-6, (n, rel(padded[n]))
@@ -508,14 +514,14 @@ def test_padding_enters_no_gptq_hessian_nor_smoothquant_statistic(make_vlm, proc
     q = QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16))
     lins = adapter.block(0).linears()
 
-    def absmax(batch_size):
+    def absmax(batches):
         class F64Calib:  # the calibration batches in the model's dtype
             def batches(self, n):
-                return (f64(b) for b in calib.batches(n))
+                return (f64(b) for b in batches)
 
-        ctx = QuantContext(model, adapter, q, F64Calib(), batch_size=batch_size, progress=False)
+        ctx = QuantContext(model, adapter, q, F64Calib(), progress=False)
         return input_absmax(ctx, lins)
 
-    a1, a3 = absmax(1), absmax(3)
+    a1, a3 = absmax(unpadded), absmax(padded_batches)
     for n in a1:
         torch.testing.assert_close(a3[n], a1[n], rtol=1e-9, atol=1e-12)

@@ -18,7 +18,9 @@ from .vqa_sources import resolve_source
 @dataclass
 class MultimodalCalibSet:
     """Calibration data for a VLM: each item is one image with its prompt and reference answer.
-    ``batches(n)`` yields processor dicts (call ``model(**batch)``), right-padded."""
+    ``batches(n)`` yields processor dicts (call ``model(**batch)``), every one right-padded to the longest
+    item of the set (:attr:`width`): batches of one shape, so that a block-training step captured once as a
+    CUDA graph serves them all; the padding enters no loss and no statistic (``attention_mask``)."""
 
     records: list[dict]
     processor: object
@@ -27,9 +29,17 @@ class MultimodalCalibSet:
         return len(self.records)
 
     def batches(self, batch_size: int):
-        for i in range(0, len(self.records), batch_size):
-            chunk = self.records[i : i + batch_size]
-            yield encode_with_continuations(self.processor, chunk, [r["answer"] for r in chunk])[0]
+        for chunk in self._chunks(batch_size):
+            yield encode_with_continuations(self.processor, chunk, [r["answer"] for r in chunk], width=self.width)[0]
+
+    def _chunks(self, batch_size: int):
+        return (self.records[i : i + batch_size] for i in range(0, len(self.records), batch_size))
+
+    @cached_property
+    def width(self) -> int:
+        """Tokens of the longest prompt + answer of the set."""
+        return max(end for chunk in self._chunks(16)
+                   for _, end in encode_with_continuations(self.processor, chunk, [r["answer"] for r in chunk])[1])
 
     @cached_property
     def input_ids(self) -> torch.Tensor:

@@ -98,9 +98,10 @@ def encode_prompts(processor, records: list[dict], padding_side: str = "left") -
                           padding=True, padding_side=padding_side, return_tensors="pt"))
 
 
-def encode_with_continuations(processor, records: list[dict], continuations: list[str]) -> tuple[dict, list]:
-    """Batch of ``prompt(record) + continuation`` rows, right-padded, and per row the
-    ``(start, end)`` positions of the continuation tokens.
+def encode_with_continuations(processor, records: list[dict], continuations: list[str],
+                              width: int | None = None) -> tuple[dict, list]:
+    """Batch of ``prompt(record) + continuation`` rows, right-padded (to the longest row, or to ``width``
+    when that is longer), and per row the ``(start, end)`` positions of the continuation tokens.
 
     The prompt (with its image) goes through the processor; the continuation is tokenized on
     its own and appended, so its tokens are the same whatever precedes them. Every per-token
@@ -121,7 +122,7 @@ def encode_with_continuations(processor, records: list[dict], continuations: lis
         rows.append({k: torch.cat([enc[k][b][mask[b]], torch.zeros_like(c) if k != "input_ids" else c])
                      for k in per_token})
         spans.append((n, n + c.numel()))
-    width = max(end for _, end in spans)
+    width = max(max(end for _, end in spans), width or 0)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = dict(enc)
     for k in per_token:
