@@ -314,3 +314,21 @@ def test_cuda_graph_setting_is_checked_and_explains_when_it_is_off(tiny_model, t
     with pytest.raises(ValueError, match="method.cuda_graph=true but layer 0 cannot be captured: not on a CUDA"):
         FlatQuant({"epochs": 1, "batch_size": 2, "cuda_graph": True}).apply(make_ctx(tiny_model("llada"), tokenizer,
                                                                                       w=4, a=4))
+
+
+def test_graph_obstacle_names_what_prevents_a_cuda_graph():
+    from freeact.methods.block_training import TrainConfig, graph_obstacle
+
+    h = [torch.zeros(2, 8, 4), torch.zeros(2, 8, 4)]
+    kw = [{"position_embeddings": (torch.zeros(2, 8, 2), torch.zeros(2, 8, 2)), "attention_mask": None}] * 2
+    types = [torch.zeros(2, 8, dtype=torch.long)] * 2
+    assert graph_obstacle(TrainConfig(), h, kw, h, types, None) == "not on a CUDA device"  # all shapes agree
+    assert graph_obstacle(TrainConfig(cuda_graph=False), h, kw, h, types, None) == "method.cuda_graph=false"
+    assert "keep_last" in graph_obstacle(TrainConfig(on_nonfinite="keep_last"), h, kw, h, types, None)
+    assert "fp16" in graph_obstacle(TrainConfig(amp="fp16"), h, kw, h, types, None)
+    shorter = [h[0], torch.zeros(2, 7, 4)]
+    assert graph_obstacle(TrainConfig(), shorter, kw, h, types, None) == "calibration batch 1 differs in shape from batch 0"
+    other_kw = [kw[0], {**kw[0], "attention_mask": torch.ones(2, 8)}]
+    assert graph_obstacle(TrainConfig(), h, other_kw, h, types, None).startswith("calibration batch 1 differs")
+    valid = [torch.ones(2, 8, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)]
+    assert graph_obstacle(TrainConfig(), h, kw, h, types, valid).startswith("calibration batch 1 differs")

@@ -267,8 +267,6 @@ def graph_obstacle(cfg: TrainConfig, hidden, kwargs, targets, types, valid) -> s
     """Why the steps of this layer cannot be replayed from one CUDA graph (None: they can)."""
     if cfg.cuda_graph is False:
         return "method.cuda_graph=false"
-    if not hidden[0].is_cuda:
-        return "not on a CUDA device"
     if cfg.on_nonfinite == "keep_last":
         return "on_nonfinite=keep_last checks every step on the host"
     if cfg.amp == "fp16":
@@ -279,6 +277,8 @@ def graph_obstacle(cfg: TrainConfig, hidden, kwargs, targets, types, valid) -> s
         if _layout((hidden[j], kwargs[j], targets[j], None if types is None else types[j],
                     None if valid is None else valid[j])) != first:
             return f"calibration batch {j} differs in shape from batch 0"
+    if not hidden[0].is_cuda:
+        return "not on a CUDA device"
     return None
 
 
