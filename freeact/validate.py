@@ -15,7 +15,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import SCHEMAS, ConfigError, QuantSpecConfig
+from .config import EVAL_SCHEMAS, SCHEMAS, ConfigError, QuantSpecConfig
 from .config.methods import (FAMILY_TYPE_NAMES, FreeActSettings, MethodSettings, SettingsError, apply_all_methods,
                              as_dict, parse_settings)
 from .quant.spec import _ALIASES, GRANULARITIES, QuantSpec
@@ -141,10 +141,17 @@ def check_keys(cfg: DictConfig) -> None:
     for key in cfg:
         if key not in TOP_LEVEL:
             raise _unknown(str(key), TOP_LEVEL)
-    for group, schema in SCHEMAS.items():
-        known = {f.name for f in dataclasses.fields(schema)}
+    for group, default in SCHEMAS.items():
+        schema = OmegaConf.get_type(cfg[group])  # the node's own schema (eval: one per kind)
+        known = {f.name for f in dataclasses.fields(schema if dataclasses.is_dataclass(schema) else default)}
         for key in cfg[group]:
             if key not in known:
+                owners = [k for k, sch in EVAL_SCHEMAS.items() if key in {f.name for f in dataclasses.fields(sch)}]
+                if group == "eval" and owners:
+                    examples = {"text": "eval=text", "harness": "eval=harness", "multimodal": "eval=mm_easyvqa"}
+                    kind = schema.__name__.removesuffix("EvalConfig").lower()
+                    raise ConfigError(f"eval.{key} is not a setting of a {kind} evaluation; "
+                                      f"{' and '.join(examples[o] for o in owners)} {'has' if len(owners) == 1 else 'have'} it")
                 raise _unknown(f"{group}.{key}", known)
     spec_keys = {f.name for f in dataclasses.fields(QuantSpecConfig)}
     for part in ("weight", "act", "kv"):
@@ -234,8 +241,12 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     specs = {k: spec(cfg, k) for k in ("weight", "act", "kv")}
     _check(cfg.calib.nsamples > 0, f"calib.nsamples={cfg.calib.nsamples} must be > 0")
     _check(cfg.calib.seqlen > 1, f"calib.seqlen={cfg.calib.seqlen} must be > 1")
-    _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
-    _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
+    expected = "multimodal" if "max_new_tokens" in cfg.eval else "text"
+    _check(cfg.eval.kind == expected, f"eval.kind={cfg.eval.kind} does not fit eval={cfg.eval.name}, a {expected} "
+           "evaluation (image-text benchmarks: eval=mm_*)")
+    if "seqlen" in cfg.eval:  # text evaluations (perplexity / ELBO, lm-eval tasks)
+        _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
+        _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
     if cfg.eval.get("tasks"):
         from .eval.harness import check_task_settings
 

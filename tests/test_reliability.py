@@ -45,6 +45,7 @@ def run_cli(args, cwd, code=None, timeout=300):
     ("++method.epochs=15", "method.epochs is not a setting of rtn"),
     ("method=freeact method.amp=fp8", "method.amp='fp8' must be one of"),
     ("method=flatquant method.cuda_graph=true device=cpu", "method.cuda_graph=true needs a CUDA device"),
+    ("eval=text +eval.tasks=[freeact_mc]", "eval.tasks is not a setting of a text evaluation; eval=harness has it"),
     ("model=llada_8b", "model.path=GSAI-ML/LLaDA-8B-Instruct is not in the Hugging Face cache"),
 ])
 def test_bad_value_one_line_exit_2_no_row_no_run_folder(tmp_path, override, message):

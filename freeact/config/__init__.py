@@ -66,18 +66,29 @@ class CalibConfig:
 
 @dataclass
 class EvalConfig:
-    name: str = "text"
+    """What every evaluation has; one schema per kind below (``conf/eval/*.yaml`` pick theirs)."""
+
+    name: str = "text"  # prefix of the metric columns
+    kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
     source: str = "wiki.test"
+    batch_size: int = 8
+    seed: int = 1234
+
+
+@dataclass
+class TextEvalConfig(EvalConfig):
+    """Perplexity (AR) or the Monte-Carlo ELBO (dLLM) on held-out text."""
+
     seqlen: int = 128
     max_chunks: Optional[int] = 16
-    batch_size: int = 8
     mc_num: int = 16  # dLLM Monte-Carlo draws per sequence
-    seed: int = 1234
-    kind: str = "text"  # text | multimodal (image-text records; source: synthetic or a JSONL folder)
     text_field: str = "text"  # dataset sources: the column holding the text
-    nsamples: Optional[int] = None  # multimodal: records used (synthetic: how many are generated)
-    max_new_tokens: int = 8  # multimodal: greedy answer length
-    # lm-eval tasks (freeact/eval/harness.py); empty = text metric only
+
+
+@dataclass
+class HarnessEvalConfig(TextEvalConfig):
+    """lm-eval tasks (freeact/eval/harness.py), with the text metric above unless ``text: false``."""
+
     text: bool = True  # also run the text perplexity / ELBO above
     tasks: List[str] = field(default_factory=list)
     limit: Optional[int] = None  # documents per task (None = all)
@@ -100,6 +111,20 @@ class EvalConfig:
 
 
 @dataclass
+class MultimodalEvalConfig(EvalConfig):
+    """An image-text benchmark on local records (freeact/eval/multimodal.py)."""
+
+    name: str = "mm"
+    kind: str = "multimodal"
+    source: str = "synthetic"
+    nsamples: Optional[int] = None  # records used (synthetic: how many are generated)
+    max_new_tokens: int = 8  # greedy answer length
+
+
+EVAL_SCHEMAS = {"text": TextEvalConfig, "harness": HarnessEvalConfig, "multimodal": MultimodalEvalConfig}
+
+
+@dataclass
 class LoggerConfig:
     name: str = "csv"
     wandb: bool = False
@@ -108,10 +133,14 @@ class LoggerConfig:
     entity: Optional[str] = None
 
 
-SCHEMAS = {"quant": QuantConfig, "model": ModelConfig, "calib": CalibConfig, "eval": EvalConfig, "logger": LoggerConfig}
+SCHEMAS = {"quant": QuantConfig, "model": ModelConfig, "calib": CalibConfig, "eval": TextEvalConfig,
+           "logger": LoggerConfig}  # eval: one schema per kind (EVAL_SCHEMAS); the default kind's here
 cs = ConfigStore.instance()
 for _group, _node in SCHEMAS.items():  # conf/<group>/*.yaml: defaults [/schema/<group>@_here_]
-    cs.store(group="schema", name=_group, node=_node)
+    if _group != "eval":
+        cs.store(group="schema", name=_group, node=_node)
+for _name, _node in EVAL_SCHEMAS.items():  # conf/eval/*.yaml: defaults [/schema/eval/<kind>@_here_]
+    cs.store(group="schema/eval", name=_name, node=_node)
 for _name, _node in SETTINGS.items():  # conf/method/<name>.yaml: defaults [/schema/method/<name>@_here_, _self_]
     cs.store(group="schema/method", name=_name, node=_node)
 
