@@ -38,6 +38,7 @@ from ..quant.kv import IMPL
 from ..transforms.affine import OnlineMemo
 from ..transforms.typed import TypeCovariance
 from .blockwise import capture_inputs, capture_layer0_inputs, layer_output, real_rows, real_tokens
+from .captured_step import CapturedStep, layout
 
 
 log = logging.getLogger(__name__)
@@ -240,29 +241,6 @@ def _set_lr(opt, base: list[float], factor: float) -> None:
             g["lr"] = b * factor
 
 
-def _tensors(obj) -> list:
-    """The tensors of a (nested) kwargs structure, in a fixed order."""
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj) for t in _tensors(obj[k])]
-    return []
-
-
-def _layout(obj):
-    """What must agree between batches for one captured step to serve them all: structure, tensor shapes,
-    dtypes and devices, and the non-tensor values."""
-    if torch.is_tensor(obj):
-        return ("T", tuple(obj.shape), obj.dtype, str(obj.device))
-    if isinstance(obj, (tuple, list)):
-        return (type(obj).__name__, tuple(_layout(v) for v in obj))
-    if isinstance(obj, dict):
-        return ("dict", tuple((k, _layout(obj[k])) for k in sorted(obj)))
-    return ("V", repr(obj))
-
-
 def graph_obstacle(cfg: TrainConfig, hidden, kwargs, targets, types, valid) -> str | None:
     """Why the steps of this layer cannot be replayed from one CUDA graph (None: they can)."""
     if cfg.cuda_graph is False:
@@ -271,46 +249,15 @@ def graph_obstacle(cfg: TrainConfig, hidden, kwargs, targets, types, valid) -> s
         return "on_nonfinite=keep_last checks every step on the host"
     if cfg.amp == "fp16":
         return "fp16 loss scaling checks every step on the host"
-    first = _layout((hidden[0], kwargs[0], targets[0], None if types is None else types[0],
+    first = layout((hidden[0], kwargs[0], targets[0], None if types is None else types[0],
                      None if valid is None else valid[0]))
     for j in range(1, len(hidden)):
-        if _layout((hidden[j], kwargs[j], targets[j], None if types is None else types[j],
+        if layout((hidden[j], kwargs[j], targets[j], None if types is None else types[j],
                     None if valid is None else valid[j])) != first:
             return f"calibration batch {j} differs in shape from batch 0"
     if not hidden[0].is_cuda:
         return "not on a CUDA device"
     return None
-
-
-class CapturedStep:
-    """One training step (forward, loss, backward, optimizer update) captured once in a CUDA graph and then
-    replayed, each batch copied into the graph's static inputs first: the host launches one graph instead of
-    every operator of the step. ``step(h, kw, y, types, valid) -> (out, loss)`` is the eager step; it must not
-    synchronise with the host. The optimizer must be ``capturable`` with tensor learning rates."""
-
-    def __init__(self, step: Callable, batch: tuple):
-        self.static = tuple(_clone(x) for x in batch)
-        self.graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph):
-            self.out, self.loss = step(*self.static)
-
-    def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        for dst, src in zip(_tensors(self.static), _tensors(batch)):
-            if dst is not src:
-                dst.copy_(src, non_blocking=True)
-        self.graph.replay()
-        return self.out, self.loss
-
-
-def _clone(obj):
-    if torch.is_tensor(obj):
-        return obj.clone()
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_clone(v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    return obj
 
 
 GRAPH_WARMUP = 3  # eager steps (on a side stream) before the capture, as CUDA-graph capture asks
