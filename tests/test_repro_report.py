@@ -43,3 +43,25 @@ def test_report_refuses_mixed_commits(tmp_path):
     pd.DataFrame(rows).to_csv(csv, index=False)
     res = subprocess.run([sys.executable, str(SCRIPT), str(csv)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode != 0 and "dirty" in res.stderr
+
+
+def test_job_lists_follow_the_experiment_sweeps_seed_by_seed(compose):
+    import importlib.util
+
+    from freeact.validate import validate
+
+    spec = importlib.util.spec_from_file_location("repro_jobs", ROOT / "experiments" / "repro" / "jobs.py")
+    jobs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs)
+    methods, seeds = jobs.sweep("testbed_dream")
+    lines = jobs.job_lines(["testbed_dream"], "/out")
+    assert len(lines) == len(methods) * len(seeds) - (len(seeds) - 1)  # fp16 once
+    order = [int(line.split("seed=")[1].split()[0]) for line in lines]
+    assert order == sorted(order)  # whole seeds first: a queue cut short keeps every method of a seed
+    assert sum("method=fp16 " in line for line in lines) == 1
+    few = jobs.job_lines(["testbed_dream", "testbed_ar"], "/out", methods=["flatquant"], seeds=[1])
+    assert few == ["+experiment=repro_testbed_dream method=flatquant seed=1 results_file=/out/testbed_dream.csv",
+                   "+experiment=repro_testbed_ar method=flatquant seed=1 results_file=/out/testbed_ar.csv"]
+    cfg = compose(few[0].split())  # a job line is a valid run
+    validate(cfg)
+    assert cfg.method.label == "flatquant" and cfg.seed == 1 and cfg.calib.nsamples == 128
