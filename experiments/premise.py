@@ -33,8 +33,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import freeact.config  # noqa: E402,F401  (registers the config schemas)
 from freeact.analysis import logged_energies, premise_stats  # noqa: E402
-from freeact.data.calib import build_calib_set  # noqa: E402
-from freeact.experiment import git_commit, is_multimodal, load_model, load_model_processor  # noqa: E402
+from freeact.experiment import calib_set, git_commit, is_multimodal, load_model  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402
 from freeact.models.token_types import TokenTypes, rules_from_names  # noqa: E402
 
@@ -58,19 +57,11 @@ def compose_cfg(overrides):
 
 
 def build(cfg, device: str):
-    """Model, adapter and calibration batches, as :func:`freeact.experiment.run_experiment` makes them."""
+    """Model, adapter and calibration set, as :func:`freeact.experiment.run_experiment` makes them."""
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg.model, device, seed=cfg.seed)
     adapter = get_adapter(model)
-    if is_multimodal(cfg.calib):
-        from freeact.data.multimodal import build_mm_calib_set
-
-        calib = build_mm_calib_set(load_model_processor(cfg.model), cfg.calib.source, cfg.calib.nsamples, cfg.seed)
-    else:
-        calib = build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
-                                mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
-                                t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max)
-    return model, adapter, list(calib.batches(cfg.calib.batch_size))
+    return model, adapter, calib_set(cfg, tok, adapter)
 
 
 def default_types(adapter, cfg) -> list[str]:
@@ -85,7 +76,8 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     cfg = compose_cfg(a.overrides)
     t0, commit = time.time(), git_commit()
-    model, adapter, batches = build(cfg, a.device)
+    model, adapter, calib = build(cfg, a.device)
+    batches = list(calib.batches(cfg.calib.batch_size))
     names = a.types.split(",") if a.types else default_types(adapter, cfg)
     tt = TokenTypes(rules_from_names(adapter, names))
     t_load = time.time() - t0

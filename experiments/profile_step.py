@@ -30,17 +30,11 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
         sys.path.insert(0, p)
 
 from omegaconf import OmegaConf
-from premise import compose_cfg
+from premise import build, compose_cfg
 
-from freeact.data.calib import build_calib_set
-from freeact.experiment import (
-    git_commit,
-    is_multimodal,
-    load_model,
-    load_model_processor,
-)
+from freeact.experiment import git_commit
 from freeact.methods import QuantContext, QuantSettings, get_method
-from freeact.models import get_adapter
+from freeact.models.loading import pick_device
 from freeact.validate import validate
 
 
@@ -105,9 +99,8 @@ def main(argv=None) -> str:
     explicit = {o.split("=", 1)[0].lstrip("+").removeprefix("method.") for o in a.overrides
                 if o.lstrip("+").startswith("method.")} | {"epochs"}
     specs = validate(cfg, explicit)
-    device = a.device or cfg.device
-    device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    model, adapter, calib = build_with_calib(cfg, device)
+    device = pick_device(a.device or cfg.device)
+    model, adapter, calib = build(cfg, device)
     keep_layers(model, adapter, a.layers)
     steps_per_layer = a.epochs * -(-cfg.calib.nsamples // cfg.calib.batch_size)
     clock = StepTimes(device, profile_from=(a.layers - 1) * steps_per_layer + 2, profile_steps=a.profile_steps)
@@ -154,21 +147,6 @@ def main(argv=None) -> str:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(report + "\n")
     return report
-
-
-def build_with_calib(cfg, device: str):
-    """Model, adapter and calibration set, as :func:`freeact.experiment.run_experiment` makes them."""
-    torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg.model, device, seed=cfg.seed)
-    adapter = get_adapter(model)
-    if is_multimodal(cfg.calib):
-        from freeact.data.multimodal import build_mm_calib_set
-
-        return model, adapter, build_mm_calib_set(load_model_processor(cfg.model), cfg.calib.source,
-                                                  cfg.calib.nsamples, cfg.seed)
-    return model, adapter, build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
-                                           mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
-                                           t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max)
 
 
 if __name__ == "__main__":

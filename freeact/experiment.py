@@ -56,6 +56,20 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def calib_set(cfg: DictConfig, tok, adapter, processor=None):
+    """The calibration set ``cfg.calib`` names: token windows of a text source (dLLMs: with the masking of
+    ``mask_t_min/max``) or image-text records encoded by the model's ``processor`` (loaded when not given)."""
+    if is_multimodal(cfg.calib):
+        from .data.multimodal import build_mm_calib_set
+
+        return build_mm_calib_set(processor or load_model_processor(cfg.model), cfg.calib.source,
+                                  cfg.calib.nsamples, cfg.seed)
+    return build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
+                           mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
+                           t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max,
+                           text_field=cfg.calib.get("text_field") or "text")
+
+
 def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, object]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -70,15 +84,7 @@ def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, o
     calib = None
     t_calib = time.time()
     if method.quantizes:
-        if is_multimodal(cfg.calib):
-            from .data.multimodal import build_mm_calib_set
-
-            calib = build_mm_calib_set(processor, cfg.calib.source, cfg.calib.nsamples, cfg.seed)
-        else:
-            calib = build_calib_set(tok, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.seed,
-                                    mask_token_id=adapter.mask_token_id if adapter.objective == "mdm" else None,
-                                    t_min=cfg.calib.mask_t_min, t_max=cfg.calib.mask_t_max,
-                                    text_field=cfg.calib.get("text_field") or "text")
+        calib = calib_set(cfg, tok, adapter, processor)
         ctx = QuantContext(model, adapter, QuantSettings(**specs), calib, device=device,
                            batch_size=cfg.calib.batch_size, seed=cfg.seed, progress=cfg.progress)
         info = method.apply(ctx)

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import EVAL_SCHEMAS, SCHEMAS, ConfigError, QuantSpecConfig
+from .config import EVAL_SCHEMAS, SCHEMAS, ConfigError, QuantSpecConfig, TextEvalConfig
 from .config.methods import (FAMILY_TYPE_NAMES, FreeActSettings, MethodSettings, SettingsError, apply_all_methods,
                              as_dict, parse_settings)
 from .quant.spec import _ALIASES, GRANULARITIES, QuantSpec
@@ -135,25 +135,42 @@ def _unknown(key: str, known) -> ConfigError:
     return ConfigError(f"{key} is not a setting{hint}")
 
 
+def _fields(schema) -> set[str]:
+    return {f.name for f in dataclasses.fields(schema)}
+
+
+def group_schema(cfg: DictConfig, group: str):
+    """The schema of ``cfg.<group>``: the node's own (the eval configs have one per kind), else the group's."""
+    schema = OmegaConf.get_type(cfg[group])
+    return schema if dataclasses.is_dataclass(schema) else SCHEMAS[group]
+
+
+EVAL_EXAMPLES = {"text": "eval=text", "harness": "eval=harness", "multimodal": "eval=mm_easyvqa"}
+
+
+def _unknown_eval_key(key: str, schema) -> ConfigError:
+    """An eval key this kind of evaluation lacks: name the kinds that have it, if any."""
+    owners = [kind for kind, sch in EVAL_SCHEMAS.items() if key in _fields(sch)]
+    if not owners:
+        return _unknown(f"eval.{key}", _fields(schema))
+    kind = next((k for k, sch in EVAL_SCHEMAS.items() if sch is schema), schema.__name__)
+    return ConfigError(f"eval.{key} is not a setting of a {kind} evaluation; "
+                       f"{' and '.join(EVAL_EXAMPLES[o] for o in owners)} {'has' if len(owners) == 1 else 'have'} it")
+
+
 def check_keys(cfg: DictConfig) -> None:
     """Every key is one the run reads: Hydra's ``+group.key=...`` adds keys to any config, so keys that
     no schema has (``+quant.wbits=4``) are rejected here instead of being silently recorded."""
     for key in cfg:
         if key not in TOP_LEVEL:
             raise _unknown(str(key), TOP_LEVEL)
-    for group, default in SCHEMAS.items():
-        schema = OmegaConf.get_type(cfg[group])  # the node's own schema (eval: one per kind)
-        known = {f.name for f in dataclasses.fields(schema if dataclasses.is_dataclass(schema) else default)}
+    for group in SCHEMAS:
+        schema = group_schema(cfg, group)
+        known = _fields(schema)
         for key in cfg[group]:
             if key not in known:
-                owners = [k for k, sch in EVAL_SCHEMAS.items() if key in {f.name for f in dataclasses.fields(sch)}]
-                if group == "eval" and owners:
-                    examples = {"text": "eval=text", "harness": "eval=harness", "multimodal": "eval=mm_easyvqa"}
-                    kind = schema.__name__.removesuffix("EvalConfig").lower()
-                    raise ConfigError(f"eval.{key} is not a setting of a {kind} evaluation; "
-                                      f"{' and '.join(examples[o] for o in owners)} {'has' if len(owners) == 1 else 'have'} it")
-                raise _unknown(f"{group}.{key}", known)
-    spec_keys = {f.name for f in dataclasses.fields(QuantSpecConfig)}
+                raise _unknown_eval_key(key, schema) if group == "eval" else _unknown(f"{group}.{key}", known)
+    spec_keys = _fields(QuantSpecConfig)
     for part in ("weight", "act", "kv"):
         for key in cfg.quant[part]:
             if key not in spec_keys:
@@ -241,10 +258,11 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     specs = {k: spec(cfg, k) for k in ("weight", "act", "kv")}
     _check(cfg.calib.nsamples > 0, f"calib.nsamples={cfg.calib.nsamples} must be > 0")
     _check(cfg.calib.seqlen > 1, f"calib.seqlen={cfg.calib.seqlen} must be > 1")
-    expected = "multimodal" if "max_new_tokens" in cfg.eval else "text"
+    eval_schema = group_schema(cfg, "eval")
+    expected = eval_schema.kind  # each eval schema's own kind
     _check(cfg.eval.kind == expected, f"eval.kind={cfg.eval.kind} does not fit eval={cfg.eval.name}, a {expected} "
            "evaluation (image-text benchmarks: eval=mm_*)")
-    if "seqlen" in cfg.eval:  # text evaluations (perplexity / ELBO, lm-eval tasks)
+    if issubclass(eval_schema, TextEvalConfig):  # perplexity / ELBO, lm-eval tasks
         _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
         _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
     if cfg.eval.get("tasks"):

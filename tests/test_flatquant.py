@@ -58,7 +58,7 @@ def test_cayley_parametrization_is_torchs_orthogonal_map():
     ours = torch.nn.Linear(n, n, bias=False, dtype=torch.float64)
     with torch.no_grad():
         ours.weight.copy_(init)
-    parametrize.register_parametrization(ours, "weight", CayleyOrthogonal(n, torch.float64), unsafe=True)
+    parametrize.register_parametrization(ours, "weight", CayleyOrthogonal(), unsafe=True)
     torch.testing.assert_close(ours.weight, init, rtol=0, atol=1e-14)
     X = torch.randn(n, n, generator=g, dtype=torch.float64)
     with torch.no_grad():

@@ -37,7 +37,8 @@ from ..config.methods import NONFINITE_MODES
 from ..quant.kv import IMPL
 from ..transforms.affine import OnlineMemo
 from ..transforms.typed import TypeCovariance
-from .blockwise import capture_inputs, capture_layer0_inputs, layer_output, real_rows, real_tokens
+from .blockwise import (capture_inputs, capture_layer0_inputs, layer_output, real_rows, real_token_masks,
+                        types_in_use)
 from .captured_step import CapturedStep, layout
 
 
@@ -128,15 +129,6 @@ def _current_types(token_types, b: int, s: int, device) -> torch.Tensor:
 
 
 @contextmanager
-def _batch_types(token_types, types, i):
-    if token_types is None or types is None or types[i] is None:
-        yield
-    else:
-        with token_types.use(types[i]):
-            yield
-
-
-@contextmanager
 def _temp_attr(obj, name, value):
     had = name in obj.__dict__ or name in getattr(obj, "_modules", {})
     old = getattr(obj, name, None)
@@ -173,7 +165,7 @@ def full_precision_pass(block, hidden, kwargs, types, token_types, num_types: in
     with capture_inputs(lins, record), ctx:
         for i, (h, kw) in enumerate(zip(hidden, kwargs)):
             current["valid"] = None if valid is None else valid[i]
-            with _batch_types(token_types, types, i):
+            with types_in_use(token_types, None if types is None else types[i]):
                 outs.append(layer_output(block.layer(h, **kw)))
     return outs, stats
 
@@ -282,7 +274,9 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
     obstacle = graph_obstacle(cfg, hidden, kwargs, targets, types, valid)
     if cfg.cuda_graph is True and obstacle is not None:
         raise ValueError(f"method.cuda_graph=true but layer {index} cannot be captured: {obstacle}")
-    graphed = obstacle is None and total > GRAPH_WARMUP
+    if obstacle is None and total <= GRAPH_WARMUP:
+        obstacle = f"{total} steps: all of them eager warm-up steps"
+    graphed = obstacle is None
     device = hidden[0].device
     # a captured optimizer step reads its learning rate from a tensor the schedule fills in place
     lr = (lambda v: torch.tensor(v, dtype=torch.float32, device=device)) if graphed else float
@@ -317,7 +311,7 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
                 m.clear_memo()
 
     def _step(h, kw, y, t, v):
-        with parametrize.cached(), _types_in_use(token_types, t):
+        with parametrize.cached(), types_in_use(token_types, t):
             with autocast():
                 out = layer_output(layer(h, **kw))
             out = out.to(y.dtype)  # the loss in the targets' (full) precision
@@ -400,15 +394,6 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
     return info
 
 
-@contextmanager
-def _types_in_use(token_types, t):
-    if token_types is None or t is None:
-        yield
-    else:
-        with token_types.use(t):
-            yield
-
-
 def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, want_cov: bool = False,
                     want_qk_cov: bool = False, train: bool = True) -> dict:
     """Run the whole model layer by layer. ``build(i, block, stats) -> LayerPlan``.
@@ -424,8 +409,7 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         model.set_attn_implementation(IMPL)  # the post-RoPE hook point (SDPA underneath)
     num_types = token_types.num_types if token_types is not None else 1
     batches = list(ctx.calib.batches(cfg.batch_size))
-    valid = [real_tokens(b) for b in batches]
-    valid = None if all(v is None for v in valid) else [v.to(ctx.device) for v in valid]
+    valid = real_token_masks(batches, ctx.device)
     hidden, kwargs, types = capture_layer0_inputs(model, adapter, batches, ctx.device)
     if token_types is None:
         types = None

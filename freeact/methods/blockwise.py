@@ -65,6 +65,14 @@ def real_tokens(batch) -> torch.Tensor | None:
     return None
 
 
+def real_token_masks(batches: list, device=None) -> list | None:
+    """:func:`real_tokens` of every calibration batch (on ``device`` if given), or None when none has padding."""
+    masks = [real_tokens(b) for b in batches]
+    if all(m is None for m in masks):
+        return None
+    return masks if device is None else [m.to(device) for m in masks]
+
+
 def real_rows(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """``x`` (batch, seq, d) as ``(tokens, d)`` rows of its real tokens (``valid``: (batch, seq) bool; None: all)."""
     return x.reshape(-1, x.shape[-1]) if valid is None else x[valid.to(x.device)]
@@ -79,17 +87,19 @@ def run_layer(layer: nn.Module, hidden: list, kwargs: list, types: list | None =
     outs = []
     with torch.no_grad():
         for i, (h, kw) in enumerate(zip(hidden, kwargs)):
-            with _types(token_types, types, i):
+            with types_in_use(token_types, None if types is None else types[i]):
                 outs.append(layer_output(layer(h, **kw)))
     return outs
 
 
 @contextmanager
-def _types(token_types, types, i):
+def types_in_use(token_types, types: torch.Tensor | None):
+    """``types`` (one batch's token types) are the current ones while the context is open; a no-op without
+    token types."""
     if token_types is None or types is None:
         yield
     else:
-        with token_types.use(types[i]):
+        with token_types.use(types):
             yield
 
 

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from ..quant.act import set_act_quant
 from ..quant.gptq import HessianAccumulator, gptq_quantize_weight
 from ..quant.rtn import rtn_quantize_weight
-from .blockwise import capture_inputs, capture_layer0_inputs, real_rows, real_tokens, run_layer
+from .blockwise import capture_inputs, capture_layer0_inputs, real_rows, real_token_masks, run_layer
 from .context import QuantContext
 from .streaming import resident
 
@@ -49,8 +49,7 @@ def gptq_weights(ctx: QuantContext, damp: float, block_size: int, act_order: boo
     set_act_quant(model, False)
     offload = ctx.streaming and ctx.stream_cache == "pinned"
     batches = list(ctx.calib.batches(ctx.batch_size))
-    valid = [real_tokens(b) for b in batches]
-    valid = None if all(v is None for v in valid) else valid
+    valid = real_token_masks(batches)
     hidden, kwargs, types = capture_layer0_inputs(model, adapter, batches, ctx.device, offload=offload)
     tt = getattr(model, "freeact_token_types", None)
     opts = {"damp": damp, "block_size": block_size, "act_order": act_order, "mse_clip": mse_clip}

@@ -46,8 +46,8 @@ from torch.nn.utils import parametrize
 from ..quant.quantizer import QuantSpec, fake_quant
 
 __all__ = ["most_square_factors", "kron_matmul", "random_orthogonal", "initial_matrix", "smooth_scale",
-           "CayleyOrthogonal", "LearnableSquare", "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip", "CalibratingWeight", "merge_linear",
-           "OnlineMemo"]
+           "CayleyOrthogonal", "LearnableSquare", "AffineSite", "HeadwiseVO", "HeadTransform", "WeightClip",
+           "CalibratingWeight", "merge_linear", "OnlineMemo"]
 
 KINDS = ("invertible", "orthogonal")
 STRUCTURES = ("kronecker", "dense")
@@ -101,9 +101,9 @@ class CayleyOrthogonal(nn.Module):
     the error check, so a training step can be captured in a CUDA graph. ``base`` is the initial
     (orthogonal) matrix and ``X`` starts at zero, so training starts exactly at it."""
 
-    def __init__(self, n: int, dtype=torch.float32):
+    def __init__(self):
         super().__init__()
-        self.register_buffer("base", torch.eye(n, dtype=dtype))
+        self.register_buffer("base", None)  # set by right_inverse when the parametrization is registered
 
     def forward(self, X: Tensor) -> Tensor:
         L = X.tril()
@@ -119,7 +119,7 @@ class CayleyOrthogonal(nn.Module):
 
 def _orthogonal(init: Tensor) -> nn.Module:
     m = _Matrix(init)
-    parametrize.register_parametrization(m, "weight", CayleyOrthogonal(init.shape[0], init.dtype), unsafe=True)
+    parametrize.register_parametrization(m, "weight", CayleyOrthogonal(), unsafe=True)
     return m
 
 
