@@ -1,4 +1,6 @@
 """FlatQuant: Kronecker affine transforms, merge == online, float64 invariance, clipping, training."""
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -281,6 +283,37 @@ def test_blockwise_loss_leaves_out_padding_and_sums_types():
     assert blockwise_loss(out, y, torch.zeros(1, 4, dtype=torch.long), 2).item() == pytest.approx(95 / 4)  # absent type adds 0
 
 
+def _five_layer_llada(tokenizer):
+    from freeact.models.tiny import build_tiny
+
+    from conftest import TINY_ARCH
+
+    family, arch = TINY_ARCH["llada"]
+    return build_tiny(family, {**arch, "num_hidden_layers": 5}, tokenizer).eval()
+
+
+@pytest.mark.parametrize("method", ["flatquant", "freeact"])
+def test_layers_in_flight_train_the_same_model_as_one_at_a_time(tokenizer, method):
+    """Layers trained interleaved, three at a time (a wave of 3, then 2), against one after the other: every
+    layer sees the same inputs and takes the same steps, so the losses, the per-type errors and every weight
+    of the quantized model are bit-identical (on a CPU the operations are the same ones, in the same order
+    per layer). Catches any state that leaks between layers in flight (token types, caches, memos)."""
+    got = {}
+    for width in (1, 3):
+        model = _five_layer_llada(tokenizer)
+        ctx = make_ctx(model, tokenizer, w=4, a=4, n=6)
+        info = get_method(method, {"epochs": 2, "batch_size": 2, "layers_in_flight": width}).apply(ctx)
+        assert info["train_steps"] == 5 * 2 * 3 and info["layers_in_flight"] == width
+        got[width] = (info, {k: v.clone() for k, v in model.state_dict().items()})
+    keys = [k for k in got[1][0] if k.startswith("loss_") or re.match(r"layer\d+\.", k)]
+    assert any(".err." in k for k in keys) and len(got[1][0]["loss_last_epoch"].split("|")) == 5
+    assert {k: got[3][0][k] for k in keys} == {k: got[1][0][k] for k in keys}
+    assert got[3][1].keys() == got[1][1].keys()
+    for k, v in got[1][1].items():
+        assert torch.equal(got[3][1][k], v), k
+    assert got[1][0]["loss_first_epoch"] != got[1][0]["loss_last_epoch"]  # the layers did train
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("method,kind", [("flatquant", "llada"), ("freeact", "llada"), ("flatquant", "dream"),
                                          ("freeact", "dream")])
@@ -300,6 +333,26 @@ def test_cuda_graph_steps_match_eager_steps(tiny_model, tokenizer, method, kind)
         got[graph] = ([float(v) for v in info["loss_last_epoch"].split("|")], logits)
     assert got[True][0] == pytest.approx(got[False][0], rel=1e-4)
     torch.testing.assert_close(got[True][1], got[False][1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a CUDA device")
+@pytest.mark.parametrize("method", ["flatquant", "freeact"])
+def test_layers_in_flight_on_cuda_streams_match_one_at_a_time(tokenizer, method):
+    """On a GPU, layers in flight run on their own streams with CUDA-graph replay: the same losses and the
+    same quantized model as one layer at a time."""
+    got = {}
+    for width in (1, 4):
+        model = _five_layer_llada(tokenizer).cuda()
+        ctx = make_ctx(model, tokenizer, w=4, a=4, n=6)
+        ctx.device = "cuda"
+        info = get_method(method, {"epochs": 3, "batch_size": 2, "cuda_graph": True, "amp": "off",
+                                   "layers_in_flight": width}).apply(ctx)
+        assert info["cuda_graph"] == "on" and info["train_steps"] == 5 * 3 * 3
+        with torch.no_grad():
+            logits = model(input_ids=ctx.calib.input_ids[:2].cuda()).logits
+        got[width] = ([float(v) for v in info["loss_last_epoch"].split("|")], logits)
+    assert got[4][0] == pytest.approx(got[1][0], rel=1e-5)
+    torch.testing.assert_close(got[4][1], got[1][1], rtol=1e-4, atol=1e-4)
 
 
 def test_cuda_graph_setting_is_checked_and_explains_when_it_is_off(tiny_model, tokenizer):

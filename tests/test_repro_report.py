@@ -62,6 +62,11 @@ def test_job_lists_follow_the_experiment_sweeps_seed_by_seed(compose):
     few = jobs.job_lines(["testbed_dream", "testbed_ar"], "/out", methods=["flatquant"], seeds=[1])
     assert few == ["+experiment=repro_testbed_dream method=flatquant seed=1 results_file=/out/testbed_dream.csv",
                    "+experiment=repro_testbed_ar method=flatquant seed=1 results_file=/out/testbed_ar.csv"]
+    ranked = jobs.job_lines(["testbed_dream", "testbed_ar"], "/out", methods=["freeact_r0", "flatquant"], by_method=True)
+    assert [(line.split()[1], line.split()[2]) for line in ranked[:4]] == [
+        ("method=freeact_r0", "seed=0"), ("method=freeact_r0", "seed=1"), ("method=freeact_r0", "seed=2"),
+        ("method=freeact_r0", "seed=0")]  # testbed_ar after testbed_dream, then flatquant
+    assert len(ranked) == 12 and all("method=flatquant " in line for line in ranked[6:])
     cfg = compose(few[0].split())  # a job line is a valid run
     validate(cfg)
     assert cfg.method.label == "flatquant" and cfg.seed == 1 and cfg.calib.nsamples == 128

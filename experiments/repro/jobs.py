@@ -1,11 +1,13 @@
 """The job list of a reproduction-study sweep, one ``python -m freeact.run`` override line per run, for
 ``experiments/repro/gpu_queue.sh`` (parallel processes on one GPU). Read from the sweeper parameters of
 ``conf/experiment/repro_<testbed>.yaml`` (its methods and seeds), seeds outermost so that a queue cut short
-still holds whole seeds of every method:
+still holds whole seeds of every method; or, with ``--by-method``, all seeds of one method (on every testbed)
+before the next method, in the order ``--methods`` gives, so that a queue cut short holds every seed of the
+methods that matter most:
 
     python experiments/repro/jobs.py testbed_dream testbed_ar --results-dir /root/out > jobs.txt
     experiments/repro/gpu_queue.sh jobs.txt 4 /root/out/queue
-    [--methods flatquant,freeact,freeact_flat_r0] [--seeds 0,1,2]
+    [--methods flatquant,freeact,freeact_flat_r0] [--seeds 0,1,2] [--by-method]
 
 Runs that need no calibration (``fp16``) are listed for the first seed only: their numbers do not depend on it.
 """
@@ -30,17 +32,16 @@ def sweep(testbed: str) -> tuple[list[str], list[int]]:
 
 
 def job_lines(testbeds: list[str], results_dir: str, methods: list[str] | None = None,
-              seeds: list[int] | None = None) -> list[str]:
-    lines = []
+              seeds: list[int] | None = None, by_method: bool = False) -> list[str]:
     plans = {tb: sweep(tb) for tb in testbeds}
     all_seeds = sorted({s for _, ss in plans.values() for s in ss} if seeds is None else set(seeds))
-    for seed in all_seeds:
-        for tb, (ms, ss) in plans.items():
-            for m in ms:
-                if (methods and m not in methods) or seed not in ss or (m in SEED_FREE and seed != ss[0]):
-                    continue
-                lines.append(f"+experiment=repro_{tb} method={m} seed={seed} results_file={results_dir}/{tb}.csv")
-    return lines
+    jobs = [(seed, tb, m) for seed in all_seeds for tb, (ms, ss) in plans.items() for m in ms
+            if (not methods or m in methods) and seed in ss and not (m in SEED_FREE and seed != ss[0])]
+    if by_method:
+        rank = {m: i for i, m in enumerate(methods or [])}
+        order = {tb: i for i, tb in enumerate(testbeds)}
+        jobs.sort(key=lambda j: (rank.get(j[2], len(rank)), j[2] if j[2] not in rank else "", order[j[1]], j[0]))
+    return [f"+experiment=repro_{tb} method={m} seed={seed} results_file={results_dir}/{tb}.csv" for seed, tb, m in jobs]
 
 
 def main(argv=None) -> None:
@@ -50,10 +51,11 @@ def main(argv=None) -> None:
     p.add_argument("--results-dir", default="results/repro")
     p.add_argument("--methods", default=None, help="comma-separated subset of the sweep's methods")
     p.add_argument("--seeds", default=None, help="comma-separated subset of the sweep's seeds")
+    p.add_argument("--by-method", action="store_true", help="all seeds of a method together, in --methods order")
     a = p.parse_args(argv)
     methods = a.methods.split(",") if a.methods else None
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
-    print("\n".join(job_lines(a.testbeds, a.results_dir, methods, seeds)))
+    print("\n".join(job_lines(a.testbeds, a.results_dir, methods, seeds, a.by_method)))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,9 @@ class FlatQuantSettings(GPTQSettings):
     fuse_norms: bool = True  # fold RMSNorm scales into the following linears first (float64)
     amp: str = AUTO  # block training under autocast: bf16 | fp16 | off; auto = bf16 on a GPU, off on a CPU
     cuda_graph: AutoBool = AUTO  # each training step replayed from a CUDA graph; auto = on a GPU when it can be
+    # layers trained at once, interleaved step by step, each on its own CUDA stream (the full-precision chain
+    # makes them independent: the same model as 1); > 1 pays on a GPU when one layer's step leaves it idle
+    layers_in_flight: int = 1
 
     def check(self) -> None:
         super().check()
@@ -194,6 +197,7 @@ class FlatQuantSettings(GPTQSettings):
         _need(self.clip_lr_mult > 0, f"method.clip_lr_mult={self.clip_lr_mult} must be > 0")
         _need(self.weight_decay >= 0, f"method.weight_decay={self.weight_decay} must be >= 0")
         _need(self.batch_size >= 1, f"method.batch_size={self.batch_size} must be >= 1")
+        _need(self.layers_in_flight >= 1, f"method.layers_in_flight={self.layers_in_flight} must be >= 1")
         _choice(self, "on_nonfinite", NONFINITE_MODES)
         _choice(self, "matrix", MATRICES)
         _choice(self, "structure", STRUCTURES)

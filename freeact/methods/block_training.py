@@ -63,6 +63,7 @@ class TrainConfig:
     loss_by_type: bool = False  # FreeAct: sum over token types of the per-type MSE
     amp: str = "off"  # the quantized layer's forward under autocast: bf16 | fp16 | off (loss in float32)
     cuda_graph: object = "auto"  # replay each step from a CUDA graph: auto (when possible) | True (required) | False
+    layers_in_flight: int = 1  # layers trained at once, interleaved step by step (each on its own CUDA stream)
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"lr ({self.lr}) and clip_lr_mult ({self.clip_lr_mult}) must be positive")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.layers_in_flight < 1:
+            raise ValueError(f"layers_in_flight must be >= 1, got {self.layers_in_flight}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
         if self.on_nonfinite not in NONFINITE_MODES:
@@ -260,10 +263,28 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
     """Optimise ``plan``'s parameters on one layer (``cfg.amp``: the layer's forward under autocast, the
     parameters, the optimizer and the loss in float32); returns loss / step info, and ``err``: per token
     type (one entry when untyped), the relative block-output error ``sum |out - y|^2 / sum |y|^2`` over
-    the last epoch. The host waits for the device once per epoch (``on_nonfinite="raise"``: a non-finite
-    loss is reported with its epoch) or once per step (``keep_last``: the last finite step is restored).
+    the last epoch. The host waits for the device once per layer (``on_nonfinite="raise"``: a non-finite
+    loss is reported with its first epoch) or once per step (``keep_last``: the last finite step is restored).
     On a GPU, when every calibration batch has the same shapes, the steps after the first
     :data:`GRAPH_WARMUP` are replayed from a CUDA graph (:class:`CapturedStep`; ``cfg.cuda_graph``)."""
+    return _run_to_end(layer_steps(layer, plan, hidden, kwargs, types, targets, cfg, index, token_types,
+                                   num_types, valid))
+
+
+def _run_to_end(gen):
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        return done.value
+
+
+def layer_steps(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, targets, cfg: TrainConfig,
+                index: int, token_types=None, num_types: int = 1, valid: list | None = None):
+    """:func:`train_layer` as a generator that yields after every optimizer step and returns its info, so
+    that several layers' trainings can be interleaved (:func:`train_blockwise`, ``cfg.layers_in_flight``).
+    Nothing of one step's state survives a yield but the layer's own: the token types in use and the
+    parametrization cache are set and cleared within a step."""
     main, clips = plan.param_groups()
     base_lr = [lr for params, lr in ((main, cfg.lr), (clips, cfg.lr * cfg.clip_lr_mult)) if params]
     total = cfg.epochs * len(hidden)
@@ -330,9 +351,10 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
 
     captured, side = None, (torch.cuda.Stream(device) if graphed else None)
     step_no = 0
+    epoch_loss = torch.zeros(cfg.epochs, dtype=torch.float64, device=device)  # summed batch losses per epoch
     try:
         for epoch in range(cfg.epochs):
-            running = torch.zeros((), dtype=torch.float64, device=device)
+            running = epoch_loss[epoch]
             last_epoch = epoch == cfg.epochs - 1
             for j, (h, kw, y) in enumerate(zip(hidden, kwargs, targets)):
                 batch = (h, kw, y, None if types is None else types[j], None if valid is None else valid[j])
@@ -375,13 +397,13 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
                 step_no += 1
                 _set_lr(opt, base_lr, schedule(step_no))
                 running += loss.detach()
-            mean = float(running) / len(hidden)  # one host sync per epoch
-            if not math.isfinite(mean):
-                raise NonFiniteLossError(f"non-finite block loss in layer {index}, epoch {epoch}; "
-                                         "lower method.lr or set method.on_nonfinite=keep_last")
-            if epoch == 0:
-                info["loss_first_epoch"] = mean
-            info["loss_last_epoch"] = mean
+                yield
+        means = [v / len(hidden) for v in epoch_loss.tolist()]  # one host sync per layer
+        bad = next((e for e, v in enumerate(means) if not math.isfinite(v)), None)
+        if bad is not None:
+            raise NonFiniteLossError(f"non-finite block loss in layer {index}, epoch {bad}; "
+                                     "lower method.lr or set method.on_nonfinite=keep_last")
+        info["loss_first_epoch"], info["loss_last_epoch"] = means[0], means[-1]
     finally:
         del captured  # the graph's memory pool
         for p in params:
@@ -392,6 +414,65 @@ def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
     rel = (err_num / err_den.clamp(min=1e-300)).tolist()
     info["err"] = {n: rel[k] for k, n in enumerate(names) if err_den[k] > 0}
     return info
+
+
+@dataclass
+class _LayerJob:
+    index: int
+    layer: nn.Module
+    plan: LayerPlan
+    orig: torch.dtype  # the layer's dtype before training (cast back after the merge)
+
+
+class _Interleaved:
+    """Up to ``width`` layers in training at once, advanced one optimizer step each in turn; on a CUDA
+    device each layer runs on its own stream, so that the small kernels (or graph replays) of several
+    layers overlap on the GPU. A layer that has run all its steps is handed to ``finish`` (after its
+    stream's work, in the order layers end). With ``width`` 1 this is plain sequential training."""
+
+    def __init__(self, width: int, device, finish: Callable):
+        self.width, self.finish, self.jobs = width, finish, []
+        device = torch.device(device)
+        self.cuda = device.type == "cuda" and width > 1
+        self.device = device
+
+    def add(self, job: _LayerJob, steps) -> None:
+        stream = None
+        if self.cuda:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the layer's inputs are ready
+        self.jobs.append((job, steps, stream))
+        while len(self.jobs) >= self.width:
+            self._round()
+
+    def drain(self) -> None:
+        while self.jobs:
+            self._round()
+
+    def _round(self) -> None:
+        """One step of every layer in flight; layers that ended are finished and leave."""
+        for entry in list(self.jobs):
+            job, steps, stream = entry
+            try:
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    next(steps)
+                continue
+            except StopIteration as done:
+                res = done.value
+            except BaseException:
+                self._abandon()
+                raise
+            self.jobs.remove(entry)
+            if stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.finish(job, res)
+
+    def _abandon(self) -> None:
+        for _, steps, _ in self.jobs:
+            steps.close()
+        self.jobs = []
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
 
 def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, want_cov: bool = False,
@@ -418,7 +499,23 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:
         p.requires_grad_(False)
-    losses, info = [], {}
+    losses, info = {}, {}
+
+    def finish(job: _LayerJob, res: dict) -> None:
+        i, plan = job.index, job.plan
+        for p in plan.param_groups()[0] + plan.param_groups()[1]:
+            p.requires_grad_(False)
+        plan.merge()
+        job.layer.to(job.orig)
+        losses[i] = res
+        for k, v in getattr(plan, "info", {}).items():
+            info[f"layer{i}.{k}"] = v
+        for name, v in res.get("err", {}).items():
+            info[f"layer{i}.err.{name}"] = round(v, 6)
+        if res["nonfinite"]:
+            info.setdefault("nonfinite", []).append(res["nonfinite"])
+
+    flight = _Interleaved(cfg.layers_in_flight if train else 1, ctx.device, finish)
     try:
         for i, block in enumerate(tqdm(adapter.blocks(), desc="block-wise", disable=not ctx.progress, leave=False)):
             layer = block.layer
@@ -427,24 +524,19 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
                                                  want_qk_cov, valid)
             plan = build(i, block, stats)
             plan.install()
-            res = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0, "nonfinite": None}
+            job = _LayerJob(i, layer, plan, orig)
             if train:
-                res = train_layer(layer, plan, hidden, kw, types, targets, cfg, i, token_types, num_types, valid)
-            for p in plan.param_groups()[0] + plan.param_groups()[1]:
-                p.requires_grad_(False)
-            plan.merge()
-            layer.to(orig)
-            losses.append(res)
-            for k, v in getattr(plan, "info", {}).items():
-                info[f"layer{i}.{k}"] = v
-            for name, v in res.get("err", {}).items():
-                info[f"layer{i}.err.{name}"] = round(v, 6)
-            if res["nonfinite"]:
-                info.setdefault("nonfinite", []).append(res["nonfinite"])
-            hidden = targets  # the full-precision chain feeds the next layer
+                flight.add(job, layer_steps(layer, plan, hidden, kw, types, targets, cfg, i, token_types, num_types,
+                                            valid))
+            else:
+                finish(job, {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0,
+                             "nonfinite": None})
+            hidden = targets  # the full-precision chain feeds the next layer: layers train independently
+        flight.drain()
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
+    losses = [losses[i] for i in sorted(losses)]
     first = [r["loss_first_epoch"] for r in losses]
     last = [r["loss_last_epoch"] for r in losses]
     info.update({
@@ -455,5 +547,6 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         "loss_last_epoch": "|".join(f"{v:.4g}" for v in last),
         "nonfinite": "; ".join(info.get("nonfinite", [])) or "none",
         "cuda_graph": "; ".join(sorted({str(r.get("cuda_graph", "off")) for r in losses})),
+        "layers_in_flight": cfg.layers_in_flight,
     })
     return info

@@ -148,7 +148,8 @@ class FlatQuant(Method):
         return TrainConfig(epochs=int(c["epochs"]), lr=float(c["lr"]), clip_lr_mult=float(c["clip_lr_mult"]),
                            weight_decay=float(c["weight_decay"]), batch_size=int(c["batch_size"]),
                            on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type,
-                           amp=resolve_amp(c["amp"], device), cuda_graph=c["cuda_graph"])
+                           amp=resolve_amp(c["amp"], device), cuda_graph=c["cuda_graph"],
+                           layers_in_flight=int(c["layers_in_flight"]))
 
     def uses_k_transform(self, ctx: QuantContext) -> bool:
         kt = self.cfg["kv_transform"]
