@@ -41,7 +41,7 @@ class CapturedStep:
         self.static = tuple(_clone(x) for x in batch)
         self.graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=capture_stream()):
             self.out, self.loss = step(*self.static)
 
     def __call__(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +50,15 @@ class CapturedStep:
                 dst.copy_(src, non_blocking=True)
         self.graph.replay()
         return self.out, self.loss
+
+
+def capture_stream() -> torch.cuda.Stream | None:
+    """The stream to capture on: the current one when it is a stream of its own (layers in flight), else
+    None (torch's capture stream). A captured matrix product keeps the cuBLAS workspace of the stream it was
+    captured on; two graphs captured on one stream and replayed at once on two streams would share it (a race
+    that corrupts both layers' steps). Capturing each layer on its own stream, and replaying it there, cannot."""
+    current = torch.cuda.current_stream()
+    return None if current == torch.cuda.default_stream(current.device) else current
 
 
 def _clone(obj):
