@@ -15,7 +15,8 @@ from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
 from freeact.kernels.act_quant import FusedInputQuantizer, kernel_tiling, kron_spec, triton_supports
-from freeact.transforms.hadamard import sylvester_factors
+from freeact.kernels.hadamard import kernel_fits
+from freeact.transforms.hadamard import hadamard_kron_factors, sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
 from freeact.methods import QuantContext, QuantSettings, get_method
 from freeact.methods.streaming import LayerStreamer, LayerTimeline, active_streamer
@@ -201,6 +202,43 @@ def test_sylvester_factors(n):
     torch.testing.assert_close(via_kron, fast_hadamard_transform(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [12, 40, 384, 448, 576, 3584, 12288, 18944])
+def test_non_power_of_two_hadamards_as_two_kronecker_factors(n):
+    """QuaRot's online Hadamards of widths 2^k m (a Paley base m) as the kernel's two +-1 factors: exactly
+    sqrt(n) H_n^T against the dense matrix, and the kernel's eager math equals the fast transform."""
+    P_l, P_r = hadamard_kron_factors(n)
+    d_l, d_r = P_l.shape[0], P_r.shape[0]
+    assert d_l * d_r == n and d_l & (d_l - 1) == 0 and bool((P_l.abs() == 1).all() and (P_r.abs() == 1).all())
+    if n <= 4096:
+        assert torch.equal(torch.kron(P_l, P_r), (hadamard_matrix(n).T * math.sqrt(n)).round())
+    x = torch.randn(3, n, dtype=F64, generator=_gen(n))
+    via_kron = act_quant_eager(x, P_l, P_r, bits=16, out_mul=1 / math.sqrt(n))
+    torch.testing.assert_close(via_kron, fast_hadamard_transform(x), rtol=1e-12, atol=1e-12)
+    tile = kernel_tiling(d_l, d_r)
+    assert tile["DL"] * tile["DR"] <= {12288: 16384, 18944: 32768}.get(n, tile["DL"] * tile["DR"])
+    assert (d_l, d_r) == {12288: (128, 96), 18944: (128, 148), 3584: (64, 56)}.get(n, (d_l, d_r))
+
+
+def test_quarot_fuses_a_non_power_of_two_online_hadamard(tiny_model):
+    """A tiny LLaDA's down_proj input is 160 = 8 x 20 wide (Paley base 20): its online Hadamard now runs
+    through the fused kernel (eager backend here) with the same quantized outputs as the unfused pipeline."""
+    model = tiny_model("llada", dtype=F64)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 500, (2, 24), generator=_gen(21))
+    ctx = QuantContext(model, adapter, QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16)), CalibSet(ids, ids),
+                       batch_size=2, progress=False)
+    get_method("quarot", {"weight_algo": "rtn"}).apply(ctx)
+    downs = [b.down for b in adapter.blocks()]
+    assert downs[0].in_features == 160 and isinstance(downs[0].input_quantizer.transform, OnlineHadamard)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        fuse_input_quantizers(model, backend="eager")
+        out = model(input_ids=ids).logits
+    assert all(isinstance(d.input_quantizer, FusedInputQuantizer) for d in downs)
+    assert downs[0].input_quantizer.kron["P_l"].shape == (8, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
 def test_hadamard_eager_is_fast_hadamard_transform():
     x = torch.randn(4, 256, generator=_gen(11))
     assert torch.equal(hadamard_transform(x, backend="eager"), fast_hadamard_transform(x))
@@ -378,10 +416,14 @@ def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("n", [16, 4096, 16384])
+@pytest.mark.parametrize("n", [16, 4096, 16384, 3584, 12288, 18944])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
 def test_cuda_hadamard_matches_eager(n, dtype):
     x = torch.randn(64, n, device="cuda").to(dtype)
+    if not kernel_fits(n, dtype):  # float32 two-pass tiles (18944) do not fit the shared memory
+        with pytest.raises(ValueError, match="Triton Hadamard"):
+            hadamard_transform(x, backend="triton")
+        return
     y = hadamard_transform(x, backend="triton")
     ref = fast_hadamard_transform(x.double())
     tol = 1e-5 if dtype == torch.float32 else 8e-3

@@ -61,6 +61,7 @@ __all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_in
 
 BACKENDS = ("auto", "triton", "eager")
 MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
+MAX_TILE = 32768  # the largest padded tile run (two passes): FlatQuant's 128 x 148 at d = 18944, bf16, H200
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -429,8 +430,9 @@ def kron_spec(transform) -> dict | None:
     Recognised: a merged two-factor :class:`~freeact.transforms.affine.AffineSite` (FlatQuant; any
     per-channel ``1/s``), the same wrapped by :class:`~freeact.transforms.typed.TypeMask` (FreeAct;
     the ``keep`` rows and the model's token types), and an
-    :class:`~freeact.transforms.hadamard.OnlineHadamard` of a power-of-two width (QuaRot; Sylvester
-    ``H_n = H_a (x) H_b`` as unnormalized +-1 factors, ``out_mul = 1/sqrt(n)``, the signs as ``in_scale``).
+    :class:`~freeact.transforms.hadamard.OnlineHadamard` of any supported order (QuaRot; a power of two or
+    ``2^k m`` with a Paley base: :func:`~freeact.transforms.hadamard.hadamard_kron_factors` as unnormalized
+    +-1 factors, ``out_mul = 1/sqrt(n)``, the signs as ``in_scale``; not block-diagonal ones).
     Returns ``{P_l, P_r, in_scale, masks, token_types, out_mul, split_z}``.
     """
     from ..transforms.affine import AffineSite
@@ -449,13 +451,16 @@ def kron_spec(transform) -> dict | None:
         return {"P_l": inner.act_0, "P_r": inner.act_1, "in_scale": inner.inv_scale, "masks": masks,
                 "token_types": token_types, "out_mul": 1.0, "split_z": False}
     if isinstance(inner, OnlineHadamard) and masks is None:
-        from ..transforms.hadamard import sylvester_factors
+        from ..transforms.hadamard import hadamard_kron_factors
 
         n = inner.n
-        if n & (n - 1) or n < 4:
+        if n < 4 or inner.block_size != n:  # block-diagonal Hadamards stay eager
             return None
-        H_a, H_b = sylvester_factors(n)
-        return {"P_l": H_a, "P_r": H_b, "in_scale": inner.signs, "masks": None, "token_types": None,
+        P_l, P_r = hadamard_kron_factors(n)
+        t = kernel_tiling(P_l.shape[0], P_r.shape[0])
+        if t["DL"] * t["DR"] > MAX_TILE:
+            return None
+        return {"P_l": P_l, "P_r": P_r, "in_scale": inner.signs, "masks": None, "token_types": None,
                 "out_mul": 1.0 / math.sqrt(n), "split_z": True}
     return None
 

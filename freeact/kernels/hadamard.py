@@ -1,16 +1,19 @@
-"""Normalized Walsh-Hadamard transform of power-of-two widths on tensor cores (Triton), eager fallback.
+"""Normalized Hadamard transform on tensor cores (Triton), eager fallback: powers of two and the
+``2^k m`` orders with a Paley base (12288 = 2^10 x 12, 18944 = 2^7 x 148, 3584 = 2^7 x 28, ...).
 
-``hadamard_transform(x) == fast_hadamard_transform(x) == x @ hadamard_matrix(n).T`` over the last dim
-for ``n = 2^k <= 16384`` (Sylvester order; the matrix is symmetric).
+``hadamard_transform(x) == fast_hadamard_transform(x) == x @ hadamard_matrix(n).T`` over the last dim.
 
-**How.** Sylvester's matrix factors as ``H_n = H_a (x) H_b`` (``a * b = n``, both powers of two, the
-most square split: 4096 = 64 x 64, 16384 = 128 x 128), so ``x @ H_n^T = vec(H_a X H_b)`` with ``X`` the
-row-major ``a x b`` reshape: the first ``log2(a)`` and the last ``log2(b)`` butterfly stages of the
-fast transform, each done as one small dense product on tensor cores instead of ``log2`` shuffling
-stages. It runs through the Kronecker kernel of :mod:`freeact.kernels.act_quant` (one program per
-row, one read and one write of ``x``) with the unnormalized +-1 factors (exact in half precision),
-the ``1/sqrt(n)`` applied to the float32 accumulator, and ``H_a X`` carried in two half words
-(hi + lo) so half inputs get float32 accuracy before the final rounding, as the eager path computes.
+**How.** ``H_n = S_2^k (x) B_m`` (Sylvester times the Paley base; ``B_1 = 1``) regroups as
+``S_2^a (x) (S_2^(k-a) (x) B_m)``: two factors, the split with the smallest power-of-two-padded tile, then
+the most square (4096 = 64 x 64, 12288 = 128 x 96, 18944 = 128 x 148;
+:func:`freeact.transforms.hadamard.hadamard_kron_factors`), so ``x @ H_n^T = vec(P_l^T X P_r)`` with ``X``
+the row-major ``d_l x d_r`` reshape: the butterfly stages and the dense base step of the fast transform
+become two small dense products on tensor cores. It runs through the Kronecker kernel of
+:mod:`freeact.kernels.act_quant` (one program per row, one read and one write of ``x``) with the
+unnormalized +-1 factors (exact in half precision), the ``1/sqrt(n)`` applied to the float32 accumulator,
+and ``P_l^T X`` carried in two half words (hi + lo) so half inputs get float32 accuracy before the final
+rounding, as the eager path computes. Tiles up to :data:`MAX_TILE` padded elements (two passes beyond
+16384; in float32 those do not fit the shared memory and run eagerly).
 """
 from __future__ import annotations
 
@@ -20,38 +23,45 @@ import math
 import torch
 from torch import Tensor
 
-from ..transforms.hadamard import _sylvester_pair, fast_hadamard_transform, sylvester_factors  # noqa: F401
-from .act_quant import KronActQuant, _pick_backend
+from ..transforms.hadamard import _decompose, _kron_pair, fast_hadamard_transform, sylvester_factors  # noqa: F401
+from .act_quant import MAX_TILE, KronActQuant, _pick_backend, kernel_tiling, triton_supports
 
-__all__ = ["MAX_N", "sylvester_factors", "hadamard_transform"]
-
-MAX_N = 16384
+__all__ = ["MAX_TILE", "sylvester_factors", "hadamard_transform", "kernel_fits"]
 
 
 @functools.lru_cache(maxsize=None)
 def _op(n: int) -> KronActQuant:
     """The transform-only Kronecker op of width ``n`` (operands cached per dtype and device)."""
-    H_a, H_b = _sylvester_pair(n)
-    return KronActQuant(H_a, H_b, out_mul=1.0 / math.sqrt(n), split_z=True)
+    P_l, P_r = _kron_pair(n)
+    return KronActQuant(P_l, P_r, out_mul=1.0 / math.sqrt(n), split_z=True)
+
+
+def kernel_fits(n: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel takes width ``n`` in ``dtype``: a Hadamard order this project constructs,
+    a tile of at most :data:`MAX_TILE` padded elements that fits the shared memory, no float64."""
+    if dtype == torch.float64 or n < 1 or _decompose(n) is None:
+        return False
+    P_l, P_r = _kron_pair(n)
+    t = kernel_tiling(P_l.shape[0], P_r.shape[0])
+    return t["DL"] * t["DR"] <= MAX_TILE and triton_supports(P_l.shape[0], P_r.shape[0], dtype)
 
 
 def hadamard_transform(x: Tensor, backend: str = "auto") -> Tensor:
-    """``x @ hadamard_matrix(n).T`` over the last dim (normalized), ``n`` a power of two.
+    """``x @ hadamard_matrix(n).T`` over the last dim (normalized), ``n`` a supported Hadamard order.
 
-    ``backend``: "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``; ``n <= 16384``), "eager"
+    ``backend``: "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``; :func:`kernel_fits`), "eager"
     (:func:`freeact.transforms.hadamard.fast_hadamard_transform`, any supported ``n``) or "auto"
-    (Triton for CUDA float32/float16/bfloat16 inputs with ``n <= 16384`` outside autograd).
+    (Triton for CUDA float32/float16/bfloat16 inputs that fit, outside autograd).
     """
     n = x.shape[-1]
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
-    pow2 = n >= 1 and n & (n - 1) == 0
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     choice = _pick_backend(backend, x, needs_grad)
-    if choice == "triton" and not (pow2 and n <= MAX_N and x.dtype != torch.float64):
+    if choice == "triton" and not kernel_fits(n, x.dtype):
         if backend == "triton":
-            raise ValueError(f"the Triton Hadamard needs a power-of-two width <= {MAX_N} (got {n}) "
-                             f"and a float32/float16/bfloat16 input (got {x.dtype})")
+            raise ValueError(f"the Triton Hadamard needs a supported order with a tile of <= {MAX_TILE} padded "
+                             f"elements that fits in {x.dtype} (got n={n}); float64 runs eagerly")
         choice = "eager"
     if choice == "eager":
         return fast_hadamard_transform(x, scale=True, backend="torch")

