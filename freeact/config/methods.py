@@ -185,7 +185,8 @@ class FlatQuantSettings(GPTQSettings):
     amp: str = AUTO  # block training under autocast: bf16 | fp16 | off; auto = bf16 on a GPU, off on a CPU
     cuda_graph: AutoBool = AUTO  # each training step replayed from a CUDA graph; auto = on a GPU when it can be
     # layers trained at once, interleaved step by step, each on its own CUDA stream (the full-precision chain
-    # makes them independent: the same model as 1); > 1 pays on a GPU when one layer's step leaves it idle
+    # makes them independent: the same model as 1); > 1 pays on a GPU when one layer's step leaves it idle,
+    # and holds that many layers' calibration inputs and targets at once
     layers_in_flight: int = 1
 
     def check(self) -> None:
