@@ -258,33 +258,18 @@ def graph_obstacle(cfg: TrainConfig, hidden, kwargs, targets, types, valid) -> s
 GRAPH_WARMUP = 3  # eager steps (on a side stream) before the capture, as CUDA-graph capture asks
 
 
-def train_layer(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, targets, cfg: TrainConfig,
-                index: int, token_types=None, num_types: int = 1, valid: list | None = None) -> dict:
-    """Optimise ``plan``'s parameters on one layer (``cfg.amp``: the layer's forward under autocast, the
-    parameters, the optimizer and the loss in float32); returns loss / step info, and ``err``: per token
-    type (one entry when untyped), the relative block-output error ``sum |out - y|^2 / sum |y|^2`` over
-    the last epoch. The host waits for the device once per layer (``on_nonfinite="raise"``: a non-finite
-    loss is reported with its first epoch) or once per step (``keep_last``: the last finite step is restored).
-    On a GPU, when every calibration batch has the same shapes, the steps after the first
-    :data:`GRAPH_WARMUP` are replayed from a CUDA graph (:class:`CapturedStep`; ``cfg.cuda_graph``)."""
-    return _run_to_end(layer_steps(layer, plan, hidden, kwargs, types, targets, cfg, index, token_types,
-                                   num_types, valid))
-
-
-def _run_to_end(gen):
-    try:
-        while True:
-            next(gen)
-    except StopIteration as done:
-        return done.value
-
-
 def layer_steps(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, targets, cfg: TrainConfig,
                 index: int, token_types=None, num_types: int = 1, valid: list | None = None):
-    """:func:`train_layer` as a generator that yields after every optimizer step and returns its info, so
-    that several layers' trainings can be interleaved (:func:`train_blockwise`, ``cfg.layers_in_flight``).
-    Nothing of one step's state survives a yield but the layer's own: the token types in use and the
-    parametrization cache are set and cleared within a step."""
+    """Optimise ``plan``'s parameters on one layer (``cfg.amp``: the layer's forward under autocast, the
+    parameters, the optimizer and the loss in float32), as a generator that yields after every optimizer step
+    (so that several layers' trainings can be interleaved: :func:`train_blockwise`, ``cfg.layers_in_flight``)
+    and returns loss / step info, and ``err``: per token type (one entry when untyped), the relative
+    block-output error ``sum |out - y|^2 / sum |y|^2`` over the last epoch. The host waits for the device once
+    per layer (``on_nonfinite="raise"``: a non-finite loss is reported with its first epoch) or once per step
+    (``keep_last``: the last finite step is restored). On a GPU, when every calibration batch has the same
+    shapes, the steps after the first :data:`GRAPH_WARMUP` are replayed from a CUDA graph
+    (:class:`CapturedStep`; ``cfg.cuda_graph``). Nothing of one step's state survives a yield but the layer's
+    own: the token types in use and the parametrization cache are set and cleared within a step."""
     main, clips = plan.param_groups()
     base_lr = [lr for params, lr in ((main, cfg.lr), (clips, cfg.lr * cfg.clip_lr_mult)) if params]
     total = cfg.epochs * len(hidden)

@@ -1,6 +1,6 @@
 """A training step captured once in a CUDA graph and replayed for every batch: the host launches one graph
 instead of each of the step's hundreds of small operators (block-wise training of small layers is launch
-bound). Used by :func:`freeact.methods.block_training.train_layer`."""
+bound). Used by :func:`freeact.methods.block_training.layer_steps`."""
 from __future__ import annotations
 
 from typing import Callable
