@@ -98,8 +98,8 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
     if "info.train_seconds" in df and df["info.train_seconds"].notna().any():
         t = df.groupby("method.label", sort=False)["info.train_seconds"].mean().dropna()
         ref = t.get("flatquant")
-        lines += ["", "Block-training time per run (seconds, mean over seeds; runs shared one GPU with up to ~30 "
-                  "others, so only ratios between rows of one sweep mean anything):", "",
+        lines += ["", "Block-training time per run (seconds, mean over seeds; the runs shared one GPU with other runs "
+                  "(testbed_dllm: up to ~30, the others: 4), so only ratios between rows of one sweep mean anything):", "",
                   "| method.label | train seconds | vs flatquant |", "|---|---|---|"]
         lines += [f"| {k} | {v:.0f} | {v / ref:.2f}x |" if ref else f"| {k} | {v:.0f} | – |" for k, v in t.items()]
     return lines + [""]

@@ -486,8 +486,12 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         p.requires_grad_(False)
     losses, info = {}, {}
 
+    bar = tqdm(total=len(adapter.layers()), desc="block-wise", disable=not ctx.progress, leave=False)
+
     def finish(job: _LayerJob, res: dict) -> None:
+        """A layer whose training ended: frozen, merged, cast back, its info recorded (and the bar moves)."""
         i, plan = job.index, job.plan
+        bar.update(1)
         for p in plan.param_groups()[0] + plan.param_groups()[1]:
             p.requires_grad_(False)
         plan.merge()
@@ -502,7 +506,7 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
 
     flight = _Interleaved(cfg.layers_in_flight if train else 1, ctx.device, finish)
     try:
-        for i, block in enumerate(tqdm(adapter.blocks(), desc="block-wise", disable=not ctx.progress, leave=False)):
+        for i, block in enumerate(adapter.blocks()):
             layer = block.layer
             orig, hidden, kw = float_layer(layer, hidden, kwargs)
             targets, stats = full_precision_pass(block, hidden, kw, types, token_types, num_types, want_cov,
@@ -519,6 +523,7 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
             hidden = targets  # the full-precision chain feeds the next layer: layers train independently
         flight.drain()
     finally:
+        bar.close()
         for p, r in requires.items():
             p.requires_grad_(r)
     losses = [losses[i] for i in sorted(losses)]
