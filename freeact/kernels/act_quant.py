@@ -57,7 +57,7 @@ except Exception:  # ImportError, or a broken install
 
 __all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
            "prepare_operands", "FusedInputQuantizer",
-           "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling"]
+           "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
 
 BACKENDS = ("auto", "triton", "eager")
 MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
@@ -451,18 +451,26 @@ def kron_spec(transform) -> dict | None:
         return {"P_l": inner.act_0, "P_r": inner.act_1, "in_scale": inner.inv_scale, "masks": masks,
                 "token_types": token_types, "out_mul": 1.0, "split_z": False}
     if isinstance(inner, OnlineHadamard) and masks is None:
-        from ..transforms.hadamard import hadamard_kron_factors
-
         n = inner.n
-        if n < 4 or inner.block_size != n:  # block-diagonal Hadamards stay eager
+        factors = hadamard_factors(n) if n >= 4 else None  # None for block-diagonal Hadamards: they stay eager
+        if factors is None:
             return None
-        P_l, P_r = hadamard_kron_factors(n)
-        t = kernel_tiling(P_l.shape[0], P_r.shape[0])
-        if t["DL"] * t["DR"] > MAX_TILE:
-            return None
-        return {"P_l": P_l, "P_r": P_r, "in_scale": inner.signs, "masks": None, "token_types": None,
+        return {"P_l": factors[0], "P_r": factors[1], "in_scale": inner.signs, "masks": None, "token_types": None,
                 "out_mul": 1.0 / math.sqrt(n), "split_z": True}
     return None
+
+
+def hadamard_factors(n: int) -> tuple[Tensor, Tensor] | None:
+    """The unnormalized +-1 factors the kernel applies for the width-``n`` Hadamard
+    (:func:`~freeact.transforms.hadamard.hadamard_kron_factors`), or None when ``n`` is no order this project
+    constructs or its padded tile exceeds :data:`MAX_TILE`."""
+    from ..transforms.hadamard import hadamard_kron_factors, supported_block_size
+
+    if n < 1 or supported_block_size(n) != n:
+        return None
+    P_l, P_r = hadamard_kron_factors(n)
+    t = kernel_tiling(P_l.shape[0], P_r.shape[0])
+    return (P_l, P_r) if t["DL"] * t["DR"] <= MAX_TILE else None
 
 
 class FusedInputQuantizer(InputQuantizer):

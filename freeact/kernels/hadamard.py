@@ -4,8 +4,8 @@
 ``hadamard_transform(x) == fast_hadamard_transform(x) == x @ hadamard_matrix(n).T`` over the last dim.
 
 **How.** ``H_n = S_2^k (x) B_m`` (Sylvester times the Paley base; ``B_1 = 1``) regroups as
-``S_2^a (x) (S_2^(k-a) (x) B_m)``: two factors, the split with the smallest power-of-two-padded tile, then
-the most square (4096 = 64 x 64, 12288 = 128 x 96, 18944 = 128 x 148;
+``S_2^a (x) (S_2^(k-a) (x) B_m)``: two factors, the most square split
+(4096 = 64 x 64, 12288 = 128 x 96, 18944 = 128 x 148;
 :func:`freeact.transforms.hadamard.hadamard_kron_factors`), so ``x @ H_n^T = vec(P_l^T X P_r)`` with ``X``
 the row-major ``d_l x d_r`` reshape: the butterfly stages and the dense base step of the fast transform
 become two small dense products on tensor cores. It runs through the Kronecker kernel of
@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..transforms.hadamard import _decompose, _kron_pair, fast_hadamard_transform, sylvester_factors  # noqa: F401
-from .act_quant import MAX_TILE, KronActQuant, _pick_backend, kernel_tiling, triton_supports
+from ..transforms.hadamard import fast_hadamard_transform, hadamard_kron_factors, sylvester_factors  # noqa: F401
+from .act_quant import MAX_TILE, KronActQuant, _pick_backend, hadamard_factors, triton_supports
 
 __all__ = ["MAX_TILE", "sylvester_factors", "hadamard_transform", "kernel_fits"]
 
@@ -32,18 +32,16 @@ __all__ = ["MAX_TILE", "sylvester_factors", "hadamard_transform", "kernel_fits"]
 @functools.lru_cache(maxsize=None)
 def _op(n: int) -> KronActQuant:
     """The transform-only Kronecker op of width ``n`` (operands cached per dtype and device)."""
-    P_l, P_r = _kron_pair(n)
+    P_l, P_r = hadamard_kron_factors(n)
     return KronActQuant(P_l, P_r, out_mul=1.0 / math.sqrt(n), split_z=True)
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_fits(n: int, dtype: torch.dtype) -> bool:
     """Whether the Triton kernel takes width ``n`` in ``dtype``: a Hadamard order this project constructs,
     a tile of at most :data:`MAX_TILE` padded elements that fits the shared memory, no float64."""
-    if dtype == torch.float64 or n < 1 or _decompose(n) is None:
-        return False
-    P_l, P_r = _kron_pair(n)
-    t = kernel_tiling(P_l.shape[0], P_r.shape[0])
-    return t["DL"] * t["DR"] <= MAX_TILE and triton_supports(P_l.shape[0], P_r.shape[0], dtype)
+    factors = hadamard_factors(n) if dtype != torch.float64 else None
+    return factors is not None and triton_supports(factors[0].shape[0], factors[1].shape[0], dtype)
 
 
 def hadamard_transform(x: Tensor, backend: str = "auto") -> Tensor:

@@ -272,16 +272,12 @@ class OnlineHadamard(nn.Module):
         return f"n={self.n}, block_size={self.block_size}, seed={self.seed}, backend={self.backend!r}"
 
 
-def _padded(d: int) -> int:
-    return max(16, 1 << max(0, d - 1).bit_length())
-
-
 @functools.lru_cache(maxsize=None)
 def _kron_pair(n: int) -> tuple[Tensor, Tensor]:
-    k, m = _decompose(n)[0].bit_length() - 1, _decompose(n)[1]
-    # H_n = S_2^k (x) B_m = S_2^a (x) (S_2^(k-a) (x) B_m): the split whose tile, each side padded to a power
-    # of two, is smallest, then the most square
-    a = min(range(k + 1), key=lambda a: (_padded(1 << a) * _padded(n >> a), abs(math.log2((1 << a) / (n >> a)))))
+    p2, m = _decompose(n)
+    k = p2.bit_length() - 1
+    # H_n = S_2^k (x) B_m = S_2^a (x) (S_2^(k-a) (x) B_m): the most square split (the smaller left on a tie)
+    a = min(range(k + 1), key=lambda a: abs(math.log2((1 << a) / (n >> a))))
     left = (hadamard_matrix(1 << a) * math.sqrt(1 << a)).round()
     right = torch.kron((hadamard_matrix(1 << (k - a)) * math.sqrt(1 << (k - a))).round(), _base_matrix(m))
     return left, right.T.contiguous()
