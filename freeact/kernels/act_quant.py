@@ -19,8 +19,10 @@ model's pipeline: ``kron_matmul`` and ``fake_quant`` in the input's dtype), used
 autograd. The Triton kernel mirrors the eager rounding points for half inputs (``P_l^T X`` and
 ``y`` are rounded to the input dtype, ``y / s`` too) so the two agree to within rare one-level flips.
 
-**Kernel design.** One program per token. ``X`` (``d_l x d_r``, padded to powers of two >= 16 with
-masked loads) is loaded once; ``Z = P_l^T X`` is one tensor-core ``tl.dot`` (fp32 accumulation) kept
+**Kernel design.** Each program takes ``TPP`` consecutive tokens (:func:`tokens_per_program`: 1 for few
+tokens, up to 8 when there are many, so that ``P_l^T`` and, in one pass, ``P_r`` are loaded once per
+``TPP`` tokens). Per token, ``X`` (``d_l x d_r``, padded to powers of two >= 16 with masked loads) is
+loaded once; ``Z = P_l^T X`` is one tensor-core ``tl.dot`` (fp32 accumulation) kept
 in registers; ``Y = Z P_r`` is computed by column blocks of ``BN``. When the padded tile fits
 (``DL * DR <= 16384``: d = 4096 as 64x64, 3584 as 56x64 -> 64x64, 12288 as 96x128 -> 128x128,
 14336 as 112x128 -> 128x128) there is a single block and a single pass: dot, mask, row max, quantize,
@@ -38,6 +40,7 @@ Hadamard transform and the benchmarks use). The token-type tensor is read in pla
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -56,7 +59,7 @@ except Exception:  # ImportError, or a broken install
     tl = None
 
 __all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
-           "prepare_operands", "FusedInputQuantizer",
+           "prepare_operands", "FusedInputQuantizer", "tokens_per_program",
            "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
 
 BACKENDS = ("auto", "triton", "eager")
@@ -192,13 +195,20 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, c0, out_mul, il, lmask, DR: tl.constexpr, BN: tl.constexpr,
-                 HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
-        """Columns ``c0 .. c0 + BN`` of ``Y = Z P_r`` (float32), scaled, rounded like eager, masked."""
+    def _pr_block(pr_ptr, d_r, c0, DR: tl.constexpr, BN: tl.constexpr):
+        """Columns ``c0 .. c0 + BN`` of ``P_r`` (zero-padded to ``DR`` rows)."""
         kr = tl.arange(0, DR)
         cols = c0 + tl.arange(0, BN)
+        return tl.load(pr_ptr + kr[:, None] * d_r + cols[None, :], mask=(kr[:, None] < d_r) & (cols[None, :] < d_r),
+                       other=0.0)
+
+    @triton.jit
+    def _y_block(zc, zlo, pr, m_ptr, mrow, d_r, c0, out_mul, il, lmask, HAS_MASK: tl.constexpr, BN: tl.constexpr,
+                 DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
+        """Columns ``c0 .. c0 + BN`` of ``Y = Z P_r`` (float32; ``pr`` holds those columns of ``P_r``),
+        scaled, rounded like eager, masked."""
+        cols = c0 + tl.arange(0, BN)
         cmask = cols < d_r
-        pr = tl.load(pr_ptr + kr[:, None] * d_r + cols[None, :], mask=(kr[:, None] < d_r) & cmask[None, :], other=0.0)
         if DOT_F32:
             y = tl.dot(zc, pr, input_precision="ieee")
         else:
@@ -237,63 +247,72 @@ if triton is not None:
 
     @triton.jit
     def _kron_act_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
-                         d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
-                         DL: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+                         n_tokens, d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
+                         DL: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
                          SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
         """MODE 0: transform (+mask) only; 1: fake quant (dequantized output); 2: int8 codes + fp32 scales.
-        HALF: the input dtype for eager-like rounding (0 float32, 1 float16, 2 bfloat16)."""
-        row = tl.program_id(0).to(tl.int64)
+        HALF: the input dtype for eager-like rounding (0 float32, 1 float16, 2 bfloat16). Each program
+        takes ``TPP`` consecutive tokens; ``P_l^T``, the scale vector and (single pass) ``P_r`` are loaded
+        once for all of them."""
         d = d_l * d_r
         il = tl.arange(0, DL)
         ir = tl.arange(0, DR)
         lmask = il < d_l
         xmask = lmask[:, None] & (ir[None, :] < d_r)
         flat = il[:, None] * d_r + ir[None, :]
-        x = tl.load(x_ptr + row * stride_x + flat, mask=xmask, other=0.0)
-        if HAS_SCALE:
-            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0)
-            x = (x.to(tl.float32) * sv.to(tl.float32)).to(x_ptr.dtype.element_ty)
         plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
-        if DOT_F32:
-            z = tl.dot(plt, x, input_precision="ieee")
-            zc = z
-            zlo = z
-        else:
-            z = tl.dot(plt, x)
-            zc = z.to(x_ptr.dtype.element_ty)
-            zlo = zc
-            if SPLIT_Z:
-                zlo = (z - zc.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        mrow = row * 0
-        if HAS_MASK:
-            mrow = tl.load(t_ptr + row).to(tl.int64) * d
-        row_o = row * stride_o
+        if HAS_SCALE:
+            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0).to(tl.float32)
         NB: tl.constexpr = DR // BN
         if NB == 1:
-            y, cols, cmask = _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, 0, out_mul, il, lmask, DR, BN, HAS_MASK,
-                                      DOT_F32, SPLIT_Z, HALF)
-            s = 1.0
-            if MODE != 0:
-                s = _scale_of(tl.max(tl.max(tl.abs(y), axis=1), axis=0), clip, qmax, MODE, HALF)
-                if MODE == 2:
-                    tl.store(sc_ptr + row, s)
-            _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
-        else:
-            s = 1.0
-            if MODE != 0:
-                amax_v = tl.zeros([BN], dtype=tl.float32)
-                for b in range(NB):
-                    y, cols, cmask = _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, b * BN, out_mul, il, lmask, DR, BN,
-                                              HAS_MASK, DOT_F32, SPLIT_Z, HALF)
-                    amax_v = tl.maximum(amax_v, tl.max(tl.abs(y), axis=0))
-                s = _scale_of(tl.max(amax_v, axis=0), clip, qmax, MODE, HALF)
-                if MODE == 2:
-                    tl.store(sc_ptr + row, s)
-            for b in range(NB):
-                y, cols, cmask = _y_block(zc, zlo, pr_ptr, m_ptr, mrow, d_r, b * BN, out_mul, il, lmask, DR, BN,
-                                          HAS_MASK, DOT_F32, SPLIT_Z, HALF)
-                _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
+            pr_all = _pr_block(pr_ptr, d_r, 0, DR, BN)
+        first = tl.program_id(0).to(tl.int64) * TPP
+        for t in range(TPP):
+            row = first + t
+            if row < n_tokens:  # the last program's spare slots do nothing
+                x = tl.load(x_ptr + row * stride_x + flat, mask=xmask, other=0.0)
+                if HAS_SCALE:
+                    x = (x.to(tl.float32) * sv).to(x_ptr.dtype.element_ty)
+                if DOT_F32:
+                    z = tl.dot(plt, x, input_precision="ieee")
+                    zc = z
+                    zlo = z
+                else:
+                    z = tl.dot(plt, x)
+                    zc = z.to(x_ptr.dtype.element_ty)
+                    zlo = zc
+                    if SPLIT_Z:
+                        zlo = (z - zc.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                mrow = row * 0
+                if HAS_MASK:
+                    mrow = tl.load(t_ptr + row).to(tl.int64) * d
+                row_o = row * stride_o
+                if NB == 1:
+                    y, cols, cmask = _y_block(zc, zlo, pr_all, m_ptr, mrow, d_r, 0, out_mul, il, lmask, HAS_MASK, BN,
+                                              DOT_F32, SPLIT_Z, HALF)
+                    s = 1.0
+                    if MODE != 0:
+                        s = _scale_of(tl.max(tl.max(tl.abs(y), axis=1), axis=0), clip, qmax, MODE, HALF)
+                        if MODE == 2:
+                            tl.store(sc_ptr + row, s)
+                    _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
+                else:
+                    s = 1.0
+                    if MODE != 0:
+                        amax_v = tl.zeros([BN], dtype=tl.float32)
+                        for b in range(NB):
+                            y, cols, cmask = _y_block(zc, zlo, _pr_block(pr_ptr, d_r, b * BN, DR, BN), m_ptr, mrow,
+                                                      d_r, b * BN, out_mul, il, lmask, HAS_MASK, BN, DOT_F32, SPLIT_Z,
+                                                      HALF)
+                            amax_v = tl.maximum(amax_v, tl.max(tl.abs(y), axis=0))
+                        s = _scale_of(tl.max(amax_v, axis=0), clip, qmax, MODE, HALF)
+                        if MODE == 2:
+                            tl.store(sc_ptr + row, s)
+                    for b in range(NB):
+                        y, cols, cmask = _y_block(zc, zlo, _pr_block(pr_ptr, d_r, b * BN, DR, BN), m_ptr, mrow,
+                                                  d_r, b * BN, out_mul, il, lmask, HAS_MASK, BN, DOT_F32, SPLIT_Z, HALF)
+                        _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
 
 
 _HALF_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -310,10 +329,29 @@ def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dty
             "d_l": P_l.shape[0], "d_r": P_r.shape[0]}
 
 
+def tokens_per_program(n_tokens: int, device) -> int:
+    """How many tokens one program takes: 1 while there are fewer than 8 tokens per multiprocessor,
+    then up to 8 (the factors are loaded once per program, and each program has more independent loads
+    in flight), a power of two, keeping at least 4 programs per multiprocessor."""
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    tpp = 1
+    while tpp < 8 and n_tokens >= 2 * tpp * 4 * sms:
+        tpp *= 2
+    return tpp
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out_mul: float = 1.0,
-            split_z: bool = False):
+            split_z: bool = False, tokens_per_prog: int | None = None):
     """Run the kernel on ``x2`` (tokens, d) with prepared operands. Returns the output (mode 0/1) or
-    ``(codes, scales)`` (mode 2). ``types``: any integer tensor with one entry per token (read in place)."""
+    ``(codes, scales)`` (mode 2). ``types``: any integer tensor with one entry per token (read in place).
+    ``tokens_per_prog``: tokens per program (default :func:`tokens_per_program`)."""
     T, d = x2.shape
     dev, dt = x2.device, x2.dtype
     if x2.stride(-1) != 1:
@@ -333,12 +371,13 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
     if T > 0:
         qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
         f32 = dt == torch.float32
-        _kron_act_kernel[(T,)](
+        tpp = tokens_per_program(T, x2.device) if tokens_per_prog is None else int(tokens_per_prog)
+        _kron_act_kernel[(triton.cdiv(T, tpp),)](
             x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
             ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
             scales if scales is not None else out,
-            ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
-            DL=tiling["DL"], DR=tiling["DR"], BN=tiling["BN"], HAS_SCALE=ops["sv"] is not None,
+            T, ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
+            DL=tiling["DL"], DR=tiling["DR"], BN=tiling["BN"], TPP=tpp, HAS_SCALE=ops["sv"] is not None,
             HAS_MASK=ops["mk"] is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
             HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
     return (out, scales) if mode == 2 else out
@@ -389,9 +428,10 @@ class KronActQuant:
     (The factors are read once: rebuild after changing them.)"""
 
     def __init__(self, P_l: Tensor, P_r: Tensor, in_scale: Tensor | None = None, masks: Tensor | None = None,
-                 out_mul: float = 1.0, split_z: bool = False):
+                 out_mul: float = 1.0, split_z: bool = False, tokens_per_prog: int | None = None):
         self.P_l, self.P_r, self.in_scale, self.masks = P_l, P_r, in_scale, masks
         self.out_mul, self.split_z = float(out_mul), bool(split_z)
+        self.tokens_per_prog = tokens_per_prog  # None: tokens_per_program's choice
         self._dims = (P_l.shape[0], P_r.shape[0])
         self._ops: dict = {}
 
@@ -408,7 +448,7 @@ class KronActQuant:
         if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad, *self._dims) == "eager":
             return act_quant_eager(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale, self.out_mul)
         y = _launch(x.reshape(-1, d), self._prepared(x), types, 1 if bits < 16 else 0, int(bits), clip,
-                    self.out_mul, self.split_z)
+                    self.out_mul, self.split_z, self.tokens_per_prog)
         return y.reshape(x.shape)
 
     def int8(self, x: Tensor, types: Tensor | None = None, clip: float = 1.0, backend: str = "auto",
@@ -420,7 +460,7 @@ class KronActQuant:
             return act_quant_int8_eager(x, self.P_l, self.P_r, self.masks, types, clip, self.in_scale, self.out_mul,
                                         bits)
         return _launch(x.reshape(-1, d), self._prepared(x), types, 2, int(bits), float(clip), self.out_mul,
-                       self.split_z)
+                       self.split_z, self.tokens_per_prog)
 
 
 # ----------------------------------------------------------------------------- model integration

@@ -9,7 +9,7 @@
 :func:`freeact.transforms.hadamard.hadamard_kron_factors`), so ``x @ H_n^T = vec(P_l^T X P_r)`` with ``X``
 the row-major ``d_l x d_r`` reshape: the butterfly stages and the dense base step of the fast transform
 become two small dense products on tensor cores. It runs through the Kronecker kernel of
-:mod:`freeact.kernels.act_quant` (one program per row, one read and one write of ``x``) with the
+:mod:`freeact.kernels.act_quant` (one read and one write of ``x``) with the
 unnormalized +-1 factors (exact in half precision), the ``1/sqrt(n)`` applied to the float32 accumulator,
 and ``P_l^T X`` carried in two half words (hi + lo) so half inputs get float32 accuracy before the final
 rounding, as the eager path computes. Tiles up to :data:`MAX_TILE` padded elements (two passes beyond
