@@ -36,6 +36,19 @@ def test_report_regenerates_paired_differences(tmp_path):
     assert sorted(energy["energy_init"]) == pytest.approx([0.01, 0.01, 0.02, 0.02, 0.03, 0.03])  # 2 labels x 3 seeds
 
 
+def test_report_times_against_flatquant_on_the_same_device(tmp_path):
+    rows = _rows([4.0, 4.1], [3.9, 4.0])
+    for r, (dev, secs) in zip(rows, [("GPU-A", 100.0), ("cpu", 400.0), ("GPU-A", 150.0), ("cpu", 200.0)]):
+        r.update({"device_name": dev, "info.train_seconds": secs})
+    csv = tmp_path / "t.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = tmp_path / "r.md"
+    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out)], check=True, cwd=ROOT)
+    text = out.read_text()
+    assert "devices: GPU-A (2 rows), cpu (2 rows)" in text
+    assert "| freeact_flat | GPU-A | 150 | 1.50x |" in text and "| freeact_flat | cpu | 200 | 0.50x |" in text
+
+
 def test_report_refuses_mixed_commits(tmp_path):
     csv = tmp_path / "t.csv"
     rows = _rows([4.0, 4.1], [3.9, 4.0])

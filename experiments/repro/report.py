@@ -64,7 +64,7 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
     model = df["model.name"].iloc[0]
     lines = [f"## {model} ({Path(path).name})", "",
              f"Metric: `{metric}` ({'lower' if mt.lower_is_better(metric) else 'higher'} is better). "
-             + "; ".join(mt.footer(df, [])), ""]
+             + "; ".join(mt.footer(df, [_devices(df)])), ""]
     g = df.groupby("method.label", sort=False)[metric].agg(["mean", "std", "count"])
     g = g.sort_values("mean", ascending=mt.lower_is_better(metric))
     lines += ["| method.label | mean ± std (n) |", "|---|---|"]
@@ -81,6 +81,9 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
         lines += [f"| {a} | {b} | {_fmt_ci(*_paired(df, metric, a, b))} |" for a, b in pairs]
     e = logged_energies(df)
     e = e[e["site"].notna()] if len(e) else e
+    if len(e):  # labels whose unique blocks are empty (r = 0, or one token type) zero nothing: no energy to show
+        zeroes = e.groupby("method")[["energy_init", "energy_final"]].transform("max").sum(axis=1) > 0
+        e = e[zeroes]
     if energy_dir and len(e):
         out = Path(energy_dir) / f"energy_{Path(path).stem}.csv"
         e.to_csv(out, index=False)
@@ -96,13 +99,29 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
             lines.append(f"| {meth} | {typ} | {s['energy_init'].median():.2e} / {s['energy_init'].max():.2e} | "
                          f"{s['energy_final'].median():.2e} / {s['energy_final'].max():.2e} | {err:.4f} |")
     if "info.train_seconds" in df and df["info.train_seconds"].notna().any():
-        t = df.groupby("method.label", sort=False)["info.train_seconds"].mean().dropna()
-        ref = t.get("flatquant")
-        lines += ["", "Block-training time per run (seconds, mean over seeds; the runs shared one GPU with other runs "
-                  "(testbed_dllm: up to ~30, the others: 4), so only ratios between rows of one sweep mean anything):", "",
-                  "| method.label | train seconds | vs flatquant |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.0f} | {v / ref:.2f}x |" if ref else f"| {k} | {v:.0f} | – |" for k, v in t.items()]
+        dev = _device_names(df)
+        lines += ["", "Block-training time per run (seconds, mean over seeds; GPU runs shared one GPU with other runs "
+                  "(testbed_dllm: up to ~30, the others: 4-8), so only ratios between rows of one sweep on one device "
+                  "mean anything; the ratio is against FlatQuant on the same device):", "",
+                  "| method.label | device | train seconds | vs flatquant |", "|---|---|---|---|"]
+        t = df["info.train_seconds"].groupby([df["method.label"], dev], sort=False).mean().dropna()
+        for (k, d), v in t.items():
+            ref = t.get(("flatquant", d))
+            lines.append(f"| {k} | {d} | {v:.0f} | {v / ref:.2f}x |" if ref else f"| {k} | {d} | {v:.0f} | – |")
     return lines + [""]
+
+
+def _device_names(df: pd.DataFrame) -> pd.Series:
+    """Each row's device (``device_name``, e.g. the GPU's name, else ``device``)."""
+    names = df["device_name"] if "device_name" in df else pd.Series("unknown", index=df.index)
+    if "device" in df:
+        names = names.where(names.notna(), df["device"])
+    return names.fillna("unknown").astype(str)
+
+
+def _devices(df: pd.DataFrame) -> str:
+    counts = _device_names(df).value_counts()
+    return "devices: " + ", ".join(f"{d} ({n} rows)" for d, n in counts.items())
 
 
 def main(argv=None) -> int:
