@@ -329,11 +329,13 @@ def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dty
             "d_l": P_l.shape[0], "d_r": P_r.shape[0]}
 
 
-def tokens_per_program(n_tokens: int, device) -> int:
+def tokens_per_program(n_tokens: int, device, tile: int = 4096) -> int:
     """How many tokens one program takes: 1 while there are fewer than 8 tokens per multiprocessor,
     then up to 8 (the factors are loaded once per program, and each program has more independent loads
-    in flight), a power of two, keeping at least 4 programs per multiprocessor."""
-    if device.type != "cuda":
+    in flight), a power of two, keeping at least 4 programs per multiprocessor. Tiles larger than 64 x 64
+    (``tile`` = padded ``d_l * d_r``) keep 1: their factors, held across the loop, would crowd the
+    registers that the tile itself needs (``experiments/bench_kernels.py`` times every choice)."""
+    if device.type != "cuda" or tile > 4096:
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tpp = 1
@@ -371,7 +373,8 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
     if T > 0:
         qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
         f32 = dt == torch.float32
-        tpp = tokens_per_program(T, x2.device) if tokens_per_prog is None else int(tokens_per_prog)
+        tpp = (tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"]) if tokens_per_prog is None
+               else int(tokens_per_prog))
         _kron_act_kernel[(triton.cdiv(T, tpp),)](
             x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
             ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
