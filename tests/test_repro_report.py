@@ -83,3 +83,20 @@ def test_job_lists_follow_the_experiment_sweeps_seed_by_seed(compose):
     cfg = compose(few[0].split())  # a job line is a valid run
     validate(cfg)
     assert cfg.method.label == "flatquant" and cfg.seed == 1 and cfg.calib.nsamples == 128
+
+
+def test_job_lists_skip_finished_runs_and_carry_extra_overrides(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repro_jobs", ROOT / "experiments" / "repro" / "jobs.py")
+    jobs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs)
+    rows = [{"method.label": "flatquant", "seed": 0, "status": "ok"},
+            {"method.label": "flatquant", "seed": 1, "status": "failed"},  # not finished: run again
+            {"method.label": "freeact", "seed": 2, "status": "ok"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "testbed_dream.csv", index=False)
+    lines = jobs.job_lines(["testbed_dream"], "/out", methods=["flatquant", "freeact"], skip_done=str(tmp_path),
+                           extra=["all_methods.layers_in_flight=30"])
+    runs = {(line.split("method=")[1].split()[0], int(line.split("seed=")[1].split()[0])) for line in lines}
+    assert runs == {("flatquant", 1), ("flatquant", 2), ("freeact", 0), ("freeact", 1)}
+    assert all(line.endswith(" all_methods.layers_in_flight=30") for line in lines)

