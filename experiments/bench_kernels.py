@@ -4,9 +4,9 @@
    quant, with the per-channel ``1/s``) against the same math in eager torch (the model's pipeline), for
    d = 4096 (64x64, LLaDA hidden), 3584 (56x64, Dream / Qwen2.5 hidden), 12288 (96x128, LLaDA FFN),
    14336 (112x128, LLaMA-3 FFN), 18944 (128x148, Dream FFN) and 2048-8192 tokens: median time of one call
-   and of the kernel alone (replayed from a CUDA graph, for 1, 2, 4 and 8 tokens per program and the
-   default choice), speed-up, and the kernel's achieved bandwidth (one bf16 read + one bf16 write per
-   element) as a share of the assumed peak.
+   and of the kernel alone (replayed from a CUDA graph: the default launch and each alternative of tokens
+   per program, warps and, for two-pass tiles, column blocks), speed-up, and the kernel's achieved
+   bandwidth (one bf16 read + one bf16 write per element) as a share of the assumed peak.
 2. ``fwht``: the Triton Walsh-Hadamard transform against ``fast_hadamard_transform`` (torch).
 3. ``w8a8``: a prefill linear ``(tokens x K) @ (K x N)``: bf16 ``F.linear`` against W8A8 with the
    Kronecker transform fused into the activation quantizer (+ the int8 GEMM with its rescale
@@ -169,18 +169,23 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             types = torch.randint(0, 2, (T,), device=dev)
             op = KronActQuant(P_l, P_r, in_scale=s, masks=masks)  # operands converted once, as in a model
             k_ms = bench_ms(lambda: op(xs.next(), types, bits=4, clip=0.9, backend="triton"))
-            # the kernel alone (replayed from a graph, as a captured forward runs it), per tokens-per-program
-            per_tpp = {}
-            for tpp in (None, 1, 2, 4, 8):
-                op_t = KronActQuant(P_l, P_r, in_scale=s, masks=masks, tokens_per_prog=tpp)
-                try:
-                    per_tpp[tpp] = graph_ms([lambda x=x: op_t(x, types, bits=4, clip=0.9, backend="triton")
-                                             for x in xs.items])
-                except Exception as e:  # e.g. out of shared memory or registers for this choice: keep the others
-                    print(f"  d={d} T={T} tokens per program {tpp}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                    per_tpp[tpp] = float("nan")
-            g_ms = per_tpp[None]
+            # the kernel alone (replayed from a graph, as a captured forward runs it): the default launch, then
+            # each tokens-per-program choice, warps, and (two-pass tiles) column blocks
             tile = kernel_tiling(d_l, d_r)
+            choices = [("default", None)] + [(f"tpp{t}", {"tokens_per_prog": t}) for t in (1, 2, 4, 8)]
+            choices += [(f"warps{w}", {"num_warps": w}) for w in (4, 8, 16) if w != tile["num_warps"]]
+            if tile["passes"] == 2:
+                choices += [(f"BN{b}", {"BN": b}) for b in (32, 64, 128) if b != tile["BN"] and b < tile["DR"]]
+            per_choice = {}
+            for name, tuning in choices:
+                try:
+                    op_t = KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning=tuning)
+                    per_choice[name] = graph_ms([lambda x=x: op_t(x, types, bits=4, clip=0.9, backend="triton")
+                                                 for x in xs.items])
+                except Exception as e:  # e.g. out of shared memory or registers for this choice: keep the others
+                    print(f"  d={d} T={T} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    per_choice[name] = float("nan")
+            g_ms = per_choice["default"]
             tpp_default = tokens_per_program(T, torch.device(dev), tile["DL"] * tile["DR"])
             api_ms = bench_ms(lambda: fused_act_quant(xs.next(), P_l, P_r, masks, types, bits=4, clip=0.9,
                                                       backend="triton", in_scale=s))
@@ -194,8 +199,8 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
                      dict(common, metric="kernel_graph_ms", value=round(g_ms, 4), unit="ms",
                           note=f"the kernel replayed from a CUDA graph, {tpp_default} "
                                "tokens per program (the default)"),
-                     *[dict(common, metric=f"kernel_graph_ms_tpp{t}", value=round(v, 4), unit="ms")
-                       for t, v in per_tpp.items() if t is not None],
+                     *[dict(common, metric=f"kernel_graph_ms_{name}", value=round(v, 4), unit="ms")
+                       for name, v in per_choice.items() if name != "default"],
                      dict(common, metric="api_call_ms", value=round(api_ms, 4), unit="ms",
                           note="fused_act_quant: converts the small operands every call"),
                      dict(common, metric="eager_ms", value=round(e_ms, 4), unit="ms"),
@@ -205,9 +210,9 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             if peak:
                 rows.append(dict(common, metric="pct_peak_bw", value=round(100 * bw / peak, 1), unit="%"))
             table.append((item, g_ms, e_ms, bw, peak))
-            tpps = ", ".join(f"{t}: {v * 1e3:.1f} us" for t, v in per_tpp.items() if t is not None)
+            alts = ", ".join(f"{n} {v * 1e3:.1f} us" for n, v in per_choice.items() if n != "default")
             print(f"{item}: kernel {g_ms:.3f} ms in a graph ({k_ms:.3f} ms called), eager {e_ms:.3f} ms, "
-                  f"{bw / 1e12:.2f} TB/s; tokens per program {tpps}", flush=True)
+                  f"{bw / 1e12:.2f} TB/s; launch choices: {alts}", flush=True)
 
 
 def bench_fwht(tokens_list, sizes, peak, base, rows, table):

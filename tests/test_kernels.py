@@ -182,6 +182,17 @@ def test_act_inputs_are_checked():
         fused_act_quant(x, torch.eye(3), torch.eye(4), backend="cuda")
 
 
+def test_kernel_tuning_is_checked():
+    """Launch choices (column block, warps, tokens per program) are checked when the op is built."""
+    from freeact.kernels.act_quant import KronActQuant, tuned_tiling
+
+    assert tuned_tiling(8, 32, {"BN": 16})["passes"] == 2 and tuned_tiling(8, 32)["passes"] == 1
+    for bad, msg in (({"BN": 24}, "power of two"), ({"BN": 64}, "16..32"), ({"num_warps": 3}, "num_warps"),
+                     ({"tokens_per_prog": 0}, ">= 1"), ({"warps": 4}, "unknown")):
+        with pytest.raises(ValueError, match=msg):
+            KronActQuant(torch.eye(8), torch.eye(32), tuning=bad)
+
+
 def test_kernel_tiling_covers_8b_widths():
     t = kernel_tiling(64, 64)  # 4096
     assert (t["DL"], t["DR"], t["BN"], t["passes"], t["padding"]) == (64, 64, 64, 1, 1.0)

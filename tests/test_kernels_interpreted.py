@@ -1,7 +1,7 @@
 """The Triton kernels themselves, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``, float32),
 against the eager math they replace: the fused Kronecker transform + type mask + per-token quantization in
 its three modes, with one and several tokens per program (a token count that is no multiple of it), padded
-factors, a two-pass tile, and the non-power-of-two Hadamard through the kernel. The interpreter must be
+factors, a two-pass tile (column blocks chosen through ``tuning``), and the non-power-of-two Hadamard through the kernel. The interpreter must be
 chosen before Triton compiles anything, so each case runs in a fresh Python process. Skipped without Triton
 (``pip install triton``: part of the ``dev`` extra on Linux)."""
 import json
@@ -26,10 +26,6 @@ CHECK = textwrap.dedent("""
     assert aq.triton_available(), "the interpreter is not on"
     case = json.loads(sys.argv[1])
     g = torch.Generator().manual_seed(case["seed"])
-    if case.get("two_pass"):  # force the two-pass path (column blocks of 16) on a small tile
-        tiling = aq.kernel_tiling
-        aq.kernel_tiling = lambda a, b: dict(tiling(a, b), BN=16, passes=2)
-        aq.triton_supports = lambda *a: True  # (float32 two-pass tiles are refused for the GPU's shared memory)
     out = {}
     if case["kind"] == "hadamard":
         x = torch.randn(case["T"], case["n"], generator=g)
@@ -45,7 +41,8 @@ CHECK = textwrap.dedent("""
         s = torch.rand(d, generator=g) + 0.5
         masks = (torch.rand(3, d, generator=g) > 0.2).float() if case["masked"] else None
         types = torch.randint(0, 3, (T,), generator=g) if case["masked"] else None
-        op = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks, tokens_per_prog=case["tpp"])
+        tuning = {"tokens_per_prog": case["tpp"], "BN": case.get("BN")}  # BN < padded d_r: two passes
+        op = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning=tuning)
         y = op(x, types, bits=16, backend="triton")
         y_ref = aq.act_quant_eager(x, P_l, P_r, masks, types, bits=16, in_scale=s)
         out["transform_rel"] = float((y - y_ref).norm() / y_ref.norm())
@@ -79,7 +76,7 @@ def _run(case: dict) -> dict:
     dict(d_l=8, d_r=16, T=7, masked=True, tpp=1, seed=0),
     dict(d_l=8, d_r=16, T=7, masked=True, tpp=4, seed=1),  # 2 programs, the second with 3 live tokens
     dict(d_l=5, d_r=12, T=5, masked=False, tpp=2, seed=2),  # factors padded to 16 x 16
-    dict(d_l=8, d_r=32, T=6, masked=True, tpp=4, seed=3, two_pass=True),
+    dict(d_l=8, d_r=32, T=6, masked=True, tpp=4, seed=3, BN=16),  # two column blocks, two passes
 ], ids=["one_token", "four_tokens", "padded", "two_pass"])
 def test_act_kernel_matches_eager_under_the_interpreter(case):
     r = _run(dict(case, kind="act"))

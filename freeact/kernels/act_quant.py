@@ -59,7 +59,7 @@ except Exception:  # ImportError, or a broken install
     tl = None
 
 __all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
-           "prepare_operands", "FusedInputQuantizer", "tokens_per_program",
+           "prepare_operands", "FusedInputQuantizer", "tokens_per_program", "tuned_tiling",
            "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
 
 BACKENDS = ("auto", "triton", "eager")
@@ -329,6 +329,29 @@ def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dty
             "d_l": P_l.shape[0], "d_r": P_r.shape[0]}
 
 
+def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
+    """:func:`kernel_tiling` with launch choices overridden (what the benchmarks sweep): ``BN`` (a power of two
+    from 16 to the padded ``d_r``; one pass when it is all of it), ``num_warps`` (1-16, a power of two) and
+    ``tokens_per_prog`` (>= 1; None: :func:`tokens_per_program` decides per call)."""
+    tiling = dict(kernel_tiling(d_l, d_r), tokens_per_prog=None)
+    unknown = set(tuning or {}) - {"BN", "num_warps", "tokens_per_prog"}
+    if unknown:
+        raise ValueError(f"unknown kernel tuning keys {sorted(unknown)}: BN, num_warps, tokens_per_prog")
+    for key, value in (tuning or {}).items():
+        if value is None:
+            continue
+        value = int(value)
+        if key == "BN" and not (16 <= value <= tiling["DR"] and value & (value - 1) == 0):
+            raise ValueError(f"BN must be a power of two in 16..{tiling['DR']}, got {value}")
+        if key == "num_warps" and value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {value}")
+        if key == "tokens_per_prog" and value < 1:
+            raise ValueError(f"tokens_per_prog must be >= 1, got {value}")
+        tiling[key] = value
+    tiling["passes"] = 1 if tiling["BN"] == tiling["DR"] else 2
+    return tiling
+
+
 def tokens_per_program(n_tokens: int, device, tile: int = 4096) -> int:
     """How many tokens one program takes: 1 while there are fewer than 8 tokens per multiprocessor,
     then up to 8 (the factors are loaded once per program, and each program has more independent loads
@@ -350,10 +373,11 @@ def _sm_count(index: int) -> int:
 
 
 def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out_mul: float = 1.0,
-            split_z: bool = False, tokens_per_prog: int | None = None):
+            split_z: bool = False, tuning: dict | None = None):
     """Run the kernel on ``x2`` (tokens, d) with prepared operands. Returns the output (mode 0/1) or
     ``(codes, scales)`` (mode 2). ``types``: any integer tensor with one entry per token (read in place).
-    ``tokens_per_prog``: tokens per program (default :func:`tokens_per_program`)."""
+    ``tuning``: launch choices that override the defaults (``tokens_per_prog``: :func:`tokens_per_program`;
+    ``BN``, ``num_warps``: :func:`kernel_tiling`); see :func:`tuned_tiling`."""
     T, d = x2.shape
     dev, dt = x2.device, x2.dtype
     if x2.stride(-1) != 1:
@@ -363,7 +387,7 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
         if types.device != dev or types.dtype not in (torch.int32, torch.int64):
             types = types.to(device=dev, dtype=torch.int64)
         types = types.contiguous()
-    tiling = kernel_tiling(ops["d_l"], ops["d_r"])
+    tiling = tuned_tiling(ops["d_l"], ops["d_r"], tuning)
     scales = None
     if mode == 2:
         out = torch.empty(T, d, device=dev, dtype=torch.int8)
@@ -373,8 +397,7 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
     if T > 0:
         qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
         f32 = dt == torch.float32
-        tpp = (tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"]) if tokens_per_prog is None
-               else int(tokens_per_prog))
+        tpp = tiling["tokens_per_prog"] or tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"])
         _kron_act_kernel[(triton.cdiv(T, tpp),)](
             x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
             ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
@@ -431,10 +454,11 @@ class KronActQuant:
     (The factors are read once: rebuild after changing them.)"""
 
     def __init__(self, P_l: Tensor, P_r: Tensor, in_scale: Tensor | None = None, masks: Tensor | None = None,
-                 out_mul: float = 1.0, split_z: bool = False, tokens_per_prog: int | None = None):
+                 out_mul: float = 1.0, split_z: bool = False, tuning: dict | None = None):
         self.P_l, self.P_r, self.in_scale, self.masks = P_l, P_r, in_scale, masks
         self.out_mul, self.split_z = float(out_mul), bool(split_z)
-        self.tokens_per_prog = tokens_per_prog  # None: tokens_per_program's choice
+        tuned_tiling(P_l.shape[0], P_r.shape[0], tuning)  # checked now, not at the first call
+        self.tuning = tuning  # launch choices (tuned_tiling); None: the defaults
         self._dims = (P_l.shape[0], P_r.shape[0])
         self._ops: dict = {}
 
@@ -451,7 +475,7 @@ class KronActQuant:
         if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad, *self._dims) == "eager":
             return act_quant_eager(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale, self.out_mul)
         y = _launch(x.reshape(-1, d), self._prepared(x), types, 1 if bits < 16 else 0, int(bits), clip,
-                    self.out_mul, self.split_z, self.tokens_per_prog)
+                    self.out_mul, self.split_z, self.tuning)
         return y.reshape(x.shape)
 
     def int8(self, x: Tensor, types: Tensor | None = None, clip: float = 1.0, backend: str = "auto",
@@ -463,7 +487,7 @@ class KronActQuant:
             return act_quant_int8_eager(x, self.P_l, self.P_r, self.masks, types, clip, self.in_scale, self.out_mul,
                                         bits)
         return _launch(x.reshape(-1, d), self._prepared(x), types, 2, int(bits), float(clip), self.out_mul,
-                       self.split_z, self.tokens_per_prog)
+                       self.split_z, self.tuning)
 
 
 # ----------------------------------------------------------------------------- model integration
