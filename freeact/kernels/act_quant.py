@@ -373,11 +373,10 @@ def _sm_count(index: int) -> int:
 
 
 def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out_mul: float = 1.0,
-            split_z: bool = False, tuning: dict | None = None):
+            split_z: bool = False, tiling: dict | None = None):
     """Run the kernel on ``x2`` (tokens, d) with prepared operands. Returns the output (mode 0/1) or
     ``(codes, scales)`` (mode 2). ``types``: any integer tensor with one entry per token (read in place).
-    ``tuning``: launch choices that override the defaults (``tokens_per_prog``: :func:`tokens_per_program`;
-    ``BN``, ``num_warps``: :func:`kernel_tiling`); see :func:`tuned_tiling`."""
+    ``tiling``: the launch choices (:func:`tuned_tiling`; default: its defaults for the factors)."""
     T, d = x2.shape
     dev, dt = x2.device, x2.dtype
     if x2.stride(-1) != 1:
@@ -387,7 +386,8 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
         if types.device != dev or types.dtype not in (torch.int32, torch.int64):
             types = types.to(device=dev, dtype=torch.int64)
         types = types.contiguous()
-    tiling = tuned_tiling(ops["d_l"], ops["d_r"], tuning)
+    if tiling is None:
+        tiling = tuned_tiling(ops["d_l"], ops["d_r"])
     scales = None
     if mode == 2:
         out = torch.empty(T, d, device=dev, dtype=torch.int8)
@@ -451,14 +451,14 @@ def act_quant_int8(x: Tensor, P_l: Tensor, P_r: Tensor, masks: Tensor | None = N
 class KronActQuant:
     """:func:`fused_act_quant` / :func:`act_quant_int8` with fixed factors, scale and masks whose
     converted operands are kept per (dtype, device): repeated calls launch the kernel alone.
-    (The factors are read once: rebuild after changing them.)"""
+    (The factors are read once: rebuild after changing them.) ``tuning``: launch choices that override the
+    defaults (:func:`tuned_tiling`: ``BN``, ``num_warps``, ``tokens_per_prog``), for benchmarks."""
 
     def __init__(self, P_l: Tensor, P_r: Tensor, in_scale: Tensor | None = None, masks: Tensor | None = None,
                  out_mul: float = 1.0, split_z: bool = False, tuning: dict | None = None):
         self.P_l, self.P_r, self.in_scale, self.masks = P_l, P_r, in_scale, masks
         self.out_mul, self.split_z = float(out_mul), bool(split_z)
-        tuned_tiling(P_l.shape[0], P_r.shape[0], tuning)  # checked now, not at the first call
-        self.tuning = tuning  # launch choices (tuned_tiling); None: the defaults
+        self.tiling = tuned_tiling(P_l.shape[0], P_r.shape[0], tuning)  # checked and computed once
         self._dims = (P_l.shape[0], P_r.shape[0])
         self._ops: dict = {}
 
@@ -475,7 +475,7 @@ class KronActQuant:
         if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad, *self._dims) == "eager":
             return act_quant_eager(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale, self.out_mul)
         y = _launch(x.reshape(-1, d), self._prepared(x), types, 1 if bits < 16 else 0, int(bits), clip,
-                    self.out_mul, self.split_z, self.tuning)
+                    self.out_mul, self.split_z, self.tiling)
         return y.reshape(x.shape)
 
     def int8(self, x: Tensor, types: Tensor | None = None, clip: float = 1.0, backend: str = "auto",
@@ -487,7 +487,7 @@ class KronActQuant:
             return act_quant_int8_eager(x, self.P_l, self.P_r, self.masks, types, clip, self.in_scale, self.out_mul,
                                         bits)
         return _launch(x.reshape(-1, d), self._prepared(x), types, 2, int(bits), float(clip), self.out_mul,
-                       self.split_z, self.tuning)
+                       self.split_z, self.tiling)
 
 
 # ----------------------------------------------------------------------------- model integration
