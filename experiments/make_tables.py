@@ -61,7 +61,9 @@ def lower_is_better(metric: str) -> bool:
 
 
 def load(paths: list[str], tag: str | None = None, last: int | None = None) -> pd.DataFrame:
-    frames = [pd.read_csv(p) for p in paths if Path(p).exists() and Path(p).stat().st_size]
+    # commit hashes as text: "9201e81" would otherwise be read as the number 9.201e84
+    frames = [pd.read_csv(p, dtype={"git_commit": str, "run_hash": str}) for p in paths
+              if Path(p).exists() and Path(p).stat().st_size]
     if not frames:
         raise SystemExit(f"no results in {paths}")
     df = pd.concat(frames, ignore_index=True)

@@ -43,7 +43,10 @@ def _locked(path: Path):
 
 def read_rows(path: str | os.PathLike) -> pd.DataFrame:
     p = Path(path)
-    return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
+    # hashes as text: "9201e81" would otherwise be read as the number 9.201e84
+    if not (p.exists() and p.stat().st_size):
+        return pd.DataFrame()
+    return pd.read_csv(p, dtype={"git_commit": str, "run_hash": str})
 
 
 def append_row(path: str | os.PathLike, row: dict, allow_duplicate: bool = False) -> bool:
