@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from freeact.tracking.results import read_rows
+
 BOOKKEEPING = {"quant_seconds", "wall_seconds", "peak_memory_mb", "seed", "eval_tokens"}
 # columns a run writes that are neither its config nor its metrics
 NOT_CONFIG = {"run_hash", "status", "timestamp", "git_commit", "run_dir", "artifact", "wandb_dir", "device_name",
@@ -61,9 +63,7 @@ def lower_is_better(metric: str) -> bool:
 
 
 def load(paths: list[str], tag: str | None = None, last: int | None = None) -> pd.DataFrame:
-    # commit hashes as text: "9201e81" would otherwise be read as the number 9.201e84
-    frames = [pd.read_csv(p, dtype={"git_commit": str, "run_hash": str}) for p in paths
-              if Path(p).exists() and Path(p).stat().st_size]
+    frames = [f for f in map(read_rows, paths) if len(f)]  # hashes read as text there
     if not frames:
         raise SystemExit(f"no results in {paths}")
     df = pd.concat(frames, ignore_index=True)

@@ -20,13 +20,12 @@ def test_queue_records_each_runs_own_exit_status(tmp_path):
     jobs.write_text(f"model=tiny_llama method=rtn {FAST} results_file={csv}\n"
                     f"model=tiny_llama method=rtn {FAST} calib.nsamples=0 results_file={csv}\n"  # a bad config
                     "# a comment line\n\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PATH=os.environ["PATH"])
     # the runner calls python3: make it this interpreter
     shim = tmp_path / "bin"
     shim.mkdir()
     (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (shim / "python3").chmod(0o755)
-    env["PATH"] = f"{shim}{os.pathsep}{env['PATH']}"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
     p = subprocess.run(["bash", str(REPO / "experiments/repro/gpu_queue.sh"), str(jobs), "2", str(tmp_path / "q")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -38,12 +38,11 @@ def sweep(testbed: str) -> tuple[list[str], list[int]]:
 
 def done_runs(done_dir: str | Path, testbed: str) -> set[tuple[str, int]]:
     """(method label, seed) of the rows with status ok in ``done_dir/<testbed>.csv`` (empty when absent)."""
-    import pandas as pd
+    from freeact.tracking.results import read_rows
 
-    path = Path(done_dir) / f"{testbed}.csv"
-    if not path.exists():
+    df = read_rows(Path(done_dir) / f"{testbed}.csv")
+    if df.empty:
         return set()
-    df = pd.read_csv(path)
     if "status" in df:
         df = df[df["status"] == "ok"]
     return {(str(m), int(s)) for m, s in zip(df["method.label"], df["seed"])}
