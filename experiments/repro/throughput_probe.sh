@@ -5,12 +5,15 @@
 # (kernels of different processes share the multiprocessors instead of taking turns). Prints, per variant,
 # the training steps per second of all runs together (sum of steps / longest training time).
 #   experiments/repro/throughput_probe.sh [N=4] [OUT=/tmp/probe]
+# VARIANTS (default "inflight10 inflight30 mps_inflight10 mps_inflight30") picks which to measure.
 # Needs what the queue needs (offline_gpu.sh install/add/launch done: run it from KEEP/code).
 set -u
 n=${1:-4} out=${2:-/tmp/probe}
+variants=" ${VARIANTS:-inflight10 inflight30 mps_inflight10 mps_inflight30} "
 mkdir -p "$out"
 probe() {  # label, layers in flight
   local label=$1 inflight=$2 i
+  [[ $variants == *" $label "* ]] || return 0
   for i in $(seq "$n"); do
     python3 experiments/profile_step.py +experiment=repro_testbed_dream method=flatquant seed="$i" \
       all_methods.layers_in_flight="$inflight" --layers 30 --epochs 1 --profile-steps 0 > "$out/$label.$i.log" 2>&1 &
@@ -32,7 +35,9 @@ PY
 }
 probe "inflight10" 10
 probe "inflight30" 30
-if command -v nvidia-cuda-mps-control > /dev/null; then
+if [[ $variants != *" mps_"* ]]; then
+  :
+elif command -v nvidia-cuda-mps-control > /dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=$out/mps_pipe CUDA_MPS_LOG_DIRECTORY=$out/mps_log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
