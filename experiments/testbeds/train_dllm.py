@@ -141,6 +141,16 @@ def validation_loss(model, val_x, val_in, val_m, val_t, batch: int, amp, n_targe
     return tot / len(val_x)
 
 
+def write_train_log(log: dict, path: Path, device: str, t_start: float) -> dict:
+    """Add where and when it ran (device, torch and transformers versions, date, wall seconds since
+    ``t_start``) to a training log and write it to ``path`` as JSON; returns the completed log."""
+    log = {**log, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_seconds": time.time() - t_start}
+    path.write_text(json.dumps(log, indent=1))
+    return log
+
+
 class StepBudget:
     """Fits a schedule to a time budget: times the steps ``probe[0]..probe[1]`` and then fixes the
     step count (unless one was given), so the loop plus compilation take about ``budget`` s."""
@@ -348,14 +358,11 @@ def main(argv=None):
         "step_time_ms_probe": None if budget.step_time is None else budget.step_time * 1e3,
         "tokens_per_s_probe": None if budget.step_time is None else a.batch_tokens / budget.step_time,
         "tokens_per_s_loop": tokens_seen / loop_seconds,
-        "loop_seconds": loop_seconds, "wall_seconds": time.time() - t_start,
+        "loop_seconds": loop_seconds,
         "compiled": compiled is not None, "best_valid_nll": best[0], "best_step": best[1],
         "test_elbo": test, "loss_curve": curve, "valid_curve": val_curve, "checkpoint_files": files,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    log = write_train_log(log, out / "train_log.json", device, t_start)
     print(f"saved {ckpt} {files}; wall {log['wall_seconds']:.0f}s; tokens/s {log['tokens_per_s_loop']:,.0f}", flush=True)
 
 

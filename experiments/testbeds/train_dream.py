@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.testbeds.train_dllm import (StepBudget, check_bidirectional, lr_at, mask_batch, mdm_loss,  # noqa: E402
-                                             outlier_summary, training_stream, validation_loss)
+                                             outlier_summary, training_stream, validation_loss, write_train_log)
 from experiments.testbeds.train_vlm import BASE, LM_LINEARS, LowRank, tiny_base  # noqa: E402
 from freeact.data.text import read_text, token_stream  # noqa: E402
 from freeact.eval.elbo import elbo  # noqa: E402
@@ -260,11 +259,8 @@ def main(argv=None):
         "best_valid_nll": best[0], "best_step": best[1], "test_elbo": {**test, "mc_num": a.test_mc},
         "outliers": outliers, "loss_curve": curve, "valid_curve": val_curve,
         "checkpoint_files": {f.name: f.stat().st_size for f in sorted(ckpt.iterdir())},
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_seconds": time.time() - t_start,
     }
-    (out / "train_dream_log.json").write_text(json.dumps(log, indent=1))
+    log = write_train_log(log, out / "train_dream_log.json", device, t_start)
     print(f"saved {ckpt}: {[f.name for f in files]}; wall {log['wall_seconds']:.0f}s", flush=True)
 
 

@@ -25,7 +25,6 @@ import argparse
 import inspect
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.assets.build_tiny_vlm import SPECIAL, write_processor_assets  # noqa: E402
-from experiments.testbeds.train_dllm import StepBudget, lr_at  # noqa: E402
+from experiments.testbeds.train_dllm import StepBudget, lr_at, write_train_log  # noqa: E402
 from freeact.data import easy_vqa  # noqa: E402
 from freeact.data.processor import load_processor, prompt_text  # noqa: E402
 from freeact.models.composed import SPEC_FILE, compose, save_trained  # noqa: E402
@@ -409,11 +408,8 @@ def main(argv=None):
         "test_acc": test_acc, "test_questions": len(test),
         "loss_curve": curve, "val_curve": val_curve,
         "checkpoint_files": {f.name: f.stat().st_size for f in sorted(ckpt.iterdir())},
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_seconds": time.time() - t_start,
     }
-    (out / "train_vlm_log.json").write_text(json.dumps(log, indent=1))
+    log = write_train_log(log, out / "train_vlm_log.json", device, t_start)
     print(f"saved {ckpt}: {[f.name for f in files]}; wall {log['wall_seconds']:.0f}s", flush=True)
 
 
