@@ -9,7 +9,8 @@
 # STAGE_DIR/code.tgz  `git archive COMMIT` without the testbeds (rows must come from one commit)
 # On the GPU machine: experiments/repro/offline_gpu.sh (install, add, launch, poll). With a lent machine that
 # takes 64 MiB a call (the tree itself ~16 MB), four uploads fit: w + g/q00 + tb/testbed_dream; g/q01 +
-# tb/testbed_vlm; g/q02 + g/q03; code.tgz + g/gguf.md5 + the job list, then launch and poll.
+# tb/testbed_vlm; g/q02 + g/q03; code.tgz + g/gguf.md5 + the job list, then `launch COMMIT JOBS auto` (as many
+# runs as the card's memory holds: 4 on an 80 GB H100, 8 on an H200) and poll.
 set -euo pipefail
 stage=$1 commit=$2 parts=${3:-4}
 root=$(git rev-parse --show-toplevel)
