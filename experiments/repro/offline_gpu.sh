@@ -9,7 +9,7 @@
 #                                         gpu_queue.sh JOBS PAR in its own session (outlives the call);
 #                                         PAR=auto: as many runs as the GPU's memory holds at RUN_MIB each
 #                                         (default 16384: a testbed_dream FreeAct run with 10 layers in
-#                                         flight took ~14 GiB; 8 of them overflowed an 80 GB H100)
+#                                         flight took ~14 GiB; 8 of them overflowed an 80 GB H100);
 #                                         with MPS=1 the runs share the GPU through a CUDA MPS daemon
 #                                         (kernels of different runs overlap instead of taking turns)
 #   offline_gpu.sh unpack COMMIT          only the code and testbeds (for throughput_probe.sh before a launch)
@@ -48,9 +48,9 @@ unpack|launch)
   [ "$step" = unpack ] && exit 0
   jobs=$2 par=$3
   if [ "$par" = auto ]; then
-    total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
-    par=$(( total / ${RUN_MIB:-16384} )); [ "$par" -ge 1 ] || par=1
-    echo "PAR=auto: $par runs at once (${total} MiB / ${RUN_MIB:-16384} MiB a run)"
+    total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1) run_mib=${RUN_MIB:-16384}
+    par=$(( total / run_mib )); [ "$par" -ge 1 ] || par=1
+    echo "PAR=auto: $par runs at once ($total MiB / $run_mib MiB a run)"
   fi
   cp "$jobs" "$K/jobs.txt"
   if [ "${MPS:-0}" = 1 ]; then
