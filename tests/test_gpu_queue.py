@@ -99,3 +99,38 @@ def test_queue_retries_a_run_that_ran_out_of_gpu_memory(tmp_path):
     assert (tmp_path / "flaky").read_text().strip() == "2" and (tmp_path / "oom").read_text().strip() == "3"
     assert (tmp_path / "bad").read_text().strip() == "1"  # not an out-of-memory failure: no retry
     assert (tmp_path / "q/logs/2.oom1.log").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("awk") is None, reason="needs bash and awk")
+def test_iso_time_gives_each_method_the_others_training_time(tmp_path):
+    """experiments/repro/iso_time.sh reads the two timings and writes the epochs from their ratio: with
+    freeact_flat_r0 taking 2.5x FlatQuant's time, it gets floor(15 / 2.5) = 6 epochs and FlatQuant
+    round(15 * 2.5) = 38; a report already there is not timed again."""
+    keep = tmp_path / "keep"
+    (keep / "code/experiments").mkdir(parents=True)
+    # a stand-in for profile_step.py: the report line that the script reads
+    (keep / "code/experiments/profile_step.py").write_text(
+        "import sys\n"
+        "a = sys.argv[1:]\n"
+        "m = [x for x in a if x.startswith('method=')][0][7:]\n"
+        "out = a[a.index('--out') + 1]\n"
+        "sec = {'flatquant': 10.0, 'freeact_flat_r0': 25.0}[m]\n"
+        "open(out, 'w').write(f'x\\napply 1 s, train {sec} s for 320 steps\\n')\n")
+    env = dict(os.environ, KEEP=str(keep), SITE="", PY=sys.executable)
+    logs = tmp_path / "logs"
+    script = str(REPO / "experiments/repro/iso_time.sh")
+    p = subprocess.run(["bash", script, "abc1234", str(logs), "testbed_dream"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 6
+    assert all("method=freeact_flat_r0 method.epochs=6 method.label=freeact_flat_r0_6ep" in ln for ln in lines[:3])
+    assert all("method=flatquant method.epochs=38 method.label=flatquant_38ep" in ln for ln in lines[3:])
+    assert [ln.split(" seed=")[1][0] for ln in lines] == list("012012")
+    assert all(ln.endswith(f"results_file={keep}/res/testbed_dream.csv") for ln in lines)
+    assert (logs / "ratio.csv").read_text().splitlines()[1] == "testbed_dream,10.0,25.0,2.500,6,38"
+    # a second call reuses the reports: a stand-in that fails shows it is not called
+    (keep / "code/experiments/profile_step.py").write_text("raise SystemExit(3)\n")
+    p = subprocess.run(["bash", script, "abc1234", str(logs), "testbed_dream"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 6, p.stderr
