@@ -100,3 +100,20 @@ def test_job_lists_skip_finished_runs_and_carry_extra_overrides(tmp_path):
     runs = {(line.split("method=")[1].split()[0], int(line.split("seed=")[1].split()[0])) for line in lines}
     assert runs == {("flatquant", 1), ("flatquant", 2), ("freeact", 0), ("freeact", 1)}
     assert all(line.endswith(" all_methods.layers_in_flight=30") for line in lines)
+
+
+def test_report_pairs_the_iso_time_control(tmp_path):
+    rows = []
+    for label, vals in (("flatquant", [4.0, 4.1, 4.2]), ("freeact_flat_r0", [3.9, 4.0, 4.1]),
+                        ("freeact_flat_r0_7ep", [3.95, 4.05, 4.15]), ("flatquant_31ep", [3.8, 3.9, 4.0])):
+        rows += [{"run_hash": f"{label}{s}", "status": "ok", "model.name": "m", "method.name": label.split("_7ep")[0],
+                  "method.label": label, "quant.name": "w4a4", "seed": s, "wiki.nll": v, "git_commit": "abc1234"}
+                 for s, v in enumerate(vals)]
+    csv = tmp_path / "t.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = tmp_path / "r.md"
+    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out)], check=True, cwd=ROOT)
+    text = out.read_text().split("Iso-time control")[1]
+    # constant per-seed differences: a zero-width interval
+    assert "| freeact_flat_r0_7ep | flatquant | -0.0500 [-0.0500, -0.0500] (n = 3; lower) |" in text
+    assert "| freeact_flat_r0 | flatquant_31ep | +0.1000 [+0.1000, +0.1000] (n = 3; higher) |" in text

@@ -13,6 +13,7 @@ come from; rows from several commits or a dirty tree are refused (as ``make_tabl
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from freeact.analysis import logged_energies  # noqa: E402
 # (token split, its no-split control on the same basis)
 SPLITS = [("freeact", "freeact_r0"), ("freeact_dense", "freeact_dense_r0"), ("freeact_spectral", "freeact_dense_r0"),
           ("freeact_flat", "freeact_flat_r0")]
+# the iso-time control: this method against FlatQuant, each also run with the epochs that give it the other's
+# block-training time (labels <method>_<N>ep, experiments/repro/iso_time.sh)
+ISO_TIME = ("freeact_flat_r0", "flatquant")
 METRICS = ("wiki.nll", "wiki.ppl", "mm_easyvqa.vqa_acc")
 
 
@@ -46,6 +50,20 @@ def _paired(df: pd.DataFrame, metric: str, a: str, b: str) -> tuple[float, float
         return (float(d.mean()) if n else float("nan")), float("nan"), float("nan"), n
     half = mt.t_quantile_975(n - 1) * float(d.std(ddof=1)) / n ** 0.5
     return float(d.mean()), float(d.mean()) - half, float(d.mean()) + half, n
+
+
+def iso_time_pairs(labels: list[str]) -> list[tuple[str, str]]:
+    """The iso-time comparisons present among ``labels``: ``<method>_<M>ep`` (fewer epochs) against FlatQuant,
+    and the method against ``flatquant_<N>ep`` (more epochs), for ``(method, FlatQuant) = ISO_TIME``."""
+    method, ref = ISO_TIME
+    pairs = []
+    for k in labels:
+        m = re.fullmatch(r"(.+)_(\d+)ep", k)
+        if m and m[1] == method and ref in labels:
+            pairs.append((k, ref))
+        elif m and m[1] == ref and method in labels:
+            pairs.append((method, k))
+    return pairs
 
 
 def _fmt_ci(mean, lo, hi, n, digits=4) -> str:
@@ -79,6 +97,12 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
         lines += ["", "What the token split changes (split minus its no-split control on the same basis, per seed):",
                   "", "| split | control | difference |", "|---|---|---|"]
         lines += [f"| {a} | {b} | {_fmt_ci(*_paired(df, metric, a, b))} |" for a, b in pairs]
+    iso = iso_time_pairs(list(g.index))
+    if iso:
+        lines += ["", "Iso-time control (each of the two given the other's block-training time through its epoch count, "
+                  "from their times alone on the GPU: `results/repro/iso_time_ratio.csv`; per seed):", "",
+                  "| method.label | against | difference |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {_fmt_ci(*_paired(df, metric, a, b))} |" for a, b in iso]
     e = logged_energies(df)
     e = e[e["site"].notna()] if len(e) else e
     if len(e):  # labels whose unique blocks are empty (r = 0, or one token type) zero nothing: no energy to show
