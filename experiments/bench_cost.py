@@ -40,7 +40,7 @@ Targets printed at the end: FreeAct on an 8B model <= 30 min and <= 40 GB peak; 
 
     PYTHONPATH=. python experiments/bench_cost.py [--quick] [--models llada_8b,dream_7b,qwen2_5_vl_7b]
         [--methods freeact,flatquant,quarot,gptq,rtn] [--layers 1] [--nsamples 128] [--seqlen 2048]
-        [--epochs 15] [--tf32 off] [--budget-s 300] [--out results/perf.csv]
+        [--epochs 15] [--tf32 off] [--budget-s 300] [--profile-eval 15] [--out results/perf.csv]
     (CPU dry run of the script only: --device cpu --tiny --nsamples 8 --seqlen 32 --eval-tokens 32)
 """
 from __future__ import annotations
@@ -204,6 +204,25 @@ class ForwardProbe:
         return statistics.median(totals), statistics.median(layer_sums)
 
 
+@torch.no_grad()
+def profile_forward(model, ids: torch.Tensor, device: str, top: int) -> str:
+    """The ``top`` operators of one forward by device time (self time; CPU time on a CPU), after one warm-up
+    forward: where an evaluation overhead comes from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    model(input_ids=ids, use_cache=False)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        model(input_ids=ids, use_cache=False)
+        _sync(device)
+    ev = prof.key_averages()
+    kernels = sum(e.count for e in prof.events() if e.device_type.name == "CUDA")
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return (f"{kernels} device kernels in one forward\n"
+            + ev.table(sort_by=sort, row_limit=top, max_name_column_width=70))
+
+
 def extrapolated_ratio(t_q, l_q, t_b, l_b, k: int, L: int) -> float:
     rest = max(t_b - l_b, 0.0)
     return (rest + L * l_q / k) / (rest + L * l_b / k)
@@ -286,6 +305,8 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     eval_ids = calib.input_ids[:1, : args.eval_tokens].to(dev)
     probe = ForwardProbe(adapter, dev)
     t_b, l_b = probe.time(model, eval_ids)
+    profiles = [f"## {model_name} bf16 forward, 1x{eval_ids.shape[1]} tokens, {k} layer(s)\n"
+                + profile_forward(model, eval_ids, dev, args.profile_eval)] if args.profile_eval else []
     lbytes = layer_bytes(adapter)
     streaming = method in STREAM_AUTO if args.streaming == "auto" else args.streaming == "on"
     if streaming:
@@ -316,9 +337,18 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     try:
         n_fused = fuse_input_quantizers(model)
         t_f, l_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"))
+        if args.profile_eval:
+            profiles.append(f"## {model_name} {method} fake-quant forward ({n_fused} fused input quantizers)\n"
+                            + profile_forward(model, eval_ids, dev, args.profile_eval))
     except Exception as e:  # report and keep the calibration numbers
         print(f"{model_name}/{method}: fused evaluation failed: {type(e).__name__}: {e}")
         n_fused, t_f, l_f = 0, float("nan"), float("nan")
+    if profiles:
+        out = Path(args.profile_dir) / f"eval_profile_{model_name}_{method}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(f"{base['device']} | torch {base['torch']} | {' '.join(sys.argv[1:])}\n\n"
+                       + "\n\n".join(profiles) + "\n")
+        print("\n\n".join(profiles) + f"\n(written to {out})", flush=True)
     ratio_x = extrapolated_ratio(t_q, l_q, t_b, l_b, k, L)
     ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
     common = dict(base, bench="cost", model=model_name, method=method, tokens=args.nsamples * args.seqlen,
@@ -405,6 +435,10 @@ def main(argv=None) -> None:
                     help="TF32 matmuls (the learned methods train in float32)")
     ap.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
                     help="block training precision of the learned methods (method.amp)")
+    ap.add_argument("--profile-eval", type=int, default=0, metavar="N",
+                    help="also profile one bf16 and one fake-quant forward: the N operators that take the most time")
+    ap.add_argument("--profile-dir", default=str(ROOT / "results" / "perf_logs"),
+                    help="where --profile-eval writes eval_profile_<model>_<method>.txt")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip what starts after this many seconds")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 sequences unless given, 1 layer")
     ap.add_argument("--progress", action="store_true")
