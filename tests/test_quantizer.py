@@ -118,3 +118,26 @@ def test_gptq_with_identity_hessian_is_rtn():
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2))
     spec = QuantSpec(bits=4)
     torch.testing.assert_close(gptq_quantize_weight(w, torch.eye(32), spec, damp=0.0), rtn_quantize_weight(w, spec))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bits,symmetric,granularity", [(4, True, "row"), (8, True, "row"), (4, False, "row"),
+                                                        (3, True, "group"), (4, False, "tensor")])
+def test_fake_quant_without_grad_gives_the_training_forms_numbers(dtype, bits, symmetric, granularity):
+    """Evaluation (no autograd) takes a shorter path: the values must equal those of the straight-through
+    form bit for bit, with a float clip, a learned clip tensor, all-zero rows and ties of the row maximum."""
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(4, 6, 32, generator=g) * 3).to(dtype)
+    x[0, 0] = 0.0  # an all-zero token
+    x[0, 1, :4] = x[0, 1].abs().max()  # the maximum, four times
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, group_size=8)
+    for clip in (None, 0.9, torch.sigmoid(torch.tensor([2.0])) * 0.95):
+        train = fake_quant(x.detach().requires_grad_(True), spec, clip=clip).detach()
+        with torch.no_grad():
+            evaluated = fake_quant(x, spec, clip=clip)
+        assert evaluated.dtype == train.dtype and evaluated.shape == x.shape
+        assert torch.equal(evaluated, train), (evaluated - train).abs().max()
+    # a clip that needs a gradient keeps the training form (its gradient must flow)
+    c = torch.tensor([0.9], requires_grad=True)
+    fake_quant(x.float(), spec, clip=c).sum().backward()
+    assert c.grad is not None
