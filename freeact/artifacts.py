@@ -33,7 +33,7 @@ from .quant.spec import QuantSpec
 TENSORS, DESCRIPTION, OLD_PICKLE = "quantized.safetensors", "quantized.json", "quantized.pt"
 FORMAT = 1
 _MODULE_STATE = set(nn.Module().__dict__)  # nn.Module's own bookkeeping: rebuilt by nn.Module.__init__
-_CACHES = {"_memo"}  # per-forward caches: saved empty
+_CACHES = {"_memo": None, "_served": None, "consumers": 0}  # per-forward caches and attach counts: saved empty
 
 
 class ArtifactError(ValueError):
@@ -72,7 +72,7 @@ def describe(module: nn.Module, where: str, extra: dict, seen: dict) -> dict:
     if not cls.__module__.startswith("freeact."):
         raise ArtifactError(f"cannot save {where}: {cls.__module__}.{cls.__qualname__} is not a freeact module "
                             "(a parametrization left on, or a foreign module)")
-    attrs = {k: (None if k in _CACHES else _encode(v, f"{where}.{k}", extra))
+    attrs = {k: (_CACHES[k] if k in _CACHES else _encode(v, f"{where}.{k}", extra))
              for k, v in module.__dict__.items() if k not in _MODULE_STATE}
     params = {n: None if p is None else [list(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad]
               for n, p in module._parameters.items()}

@@ -25,7 +25,11 @@ def test_saved_run_reloads_with_identical_metrics(tmp_path):
     row = pd.read_csv(tmp_path / "r.csv").iloc[0]
     model, tok, cfg = freeact.load_quantized(tmp_path / "run")
     assert model.config._attn_implementation == "freeact"  # the KV-quant hook came back
-    assert len([m for m in model.modules() if type(m).__name__ == "InputQuantizer"]) == 2 * 7
+    # every linear of the 2 layers has its input pipeline back; q/k/v and gate/up share theirs, as saved
+    iqs = {n: lin.input_quantizer for n, lin in model.named_modules() if hasattr(lin, "input_quantizer")}
+    assert len(iqs) == 2 * 7 and len({id(m) for m in iqs.values()}) == 2 * 4
+    assert iqs["model.layers.0.self_attn.q_proj"] is iqs["model.layers.0.self_attn.v_proj"]
+    assert iqs["model.layers.0.self_attn.q_proj"].consumers == 3
     metrics = evaluate_text(model, get_adapter(model), tok, cfg.eval, progress=False)
     assert metrics["wiki.nll"] == row["wiki.nll"]
     # and the reloaded model is really quantized: different from the freshly built base model

@@ -544,14 +544,12 @@ class FusedInputQuantizer(InputQuantizer):
     """An :class:`~freeact.quant.act.InputQuantizer` whose Kronecker transform, type mask and per-token
     fake quantization run as one kernel (:func:`fused_act_quant`). Built from an installed one with the
     same spec, transform (kept as a submodule, unused in forward) and learned clip; ``set_act_quant``
-    still switches its quantization. Inference only (the kernel has no backward).
-
-    Linears that read the same input through one pipeline (q/k/v, gate/up) share one instance
-    (``consumers`` of them): the output computed for the first is served to the others when they are
-    called with the very same input tensor (same object, unmodified), then dropped.
+    still switches its quantization. Inference only (the kernel has no backward). Linears that shared the
+    original pipeline (q/k/v, gate/up) share the fused one, and its output as :class:`InputQuantizer`
+    serves it.
     """
 
-    def __init__(self, iq: InputQuantizer, backend: str = "auto", consumers: int = 1):
+    def __init__(self, iq: InputQuantizer, backend: str = "auto"):
         spec = iq.spec
         if spec.enabled and not (spec.symmetric and spec.granularity == "row"):
             raise ValueError(f"the fused kernel quantizes per token, symmetric; got {spec}")
@@ -564,12 +562,7 @@ class FusedInputQuantizer(InputQuantizer):
         self.backend = backend
         self.kron = ks
         self.op = KronActQuant(ks["P_l"], ks["P_r"], ks["in_scale"], ks["masks"], ks["out_mul"], ks["split_z"])
-        self.consumers = int(consumers)
-        self._cache = None  # (x, x._version, types, settings, output, times served)
         self._clip = None  # (clip_logit._version, float): read once, not at every call (a host sync)
-
-    def _compute(self, x: Tensor, types, bits: int, clip: float) -> Tensor:
-        return self.op(x, types, bits=bits, clip=clip, backend=self.backend)
 
     def _clip_value(self) -> float:
         """The clip ratio as a float, cached until the learned clip parameter changes."""
@@ -580,21 +573,18 @@ class FusedInputQuantizer(InputQuantizer):
             self._clip = (version, float(self.clip().detach().reshape(())))
         return self._clip[1]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _settings(self) -> tuple:
+        """(token types, bits, clip) of this call."""
         k = self.kron
         types = k["token_types"].get() if k["masks"] is not None else None
-        bits = self.spec.bits if (self.quantize and self.spec.enabled) else 16
-        clip = self._clip_value()
-        if self.consumers <= 1 or (torch.is_grad_enabled() and x.requires_grad):
-            return self._compute(x, types, bits, clip)
-        c = self._cache
-        if c is not None and c[0] is x and c[1] == x._version and c[2] is types and c[3] == (bits, clip):
-            served = c[5] + 1
-            self._cache = None if served >= self.consumers else (*c[:5], served)
-            return c[4]
-        out = self._compute(x, types, bits, clip)
-        self._cache = (x, x._version, types, (bits, clip), out, 1)
-        return out
+        return types, (self.spec.bits if (self.quantize and self.spec.enabled) else 16), self._clip_value()
+
+    def state_key(self) -> tuple:
+        return self._settings()
+
+    def compute(self, x: Tensor) -> Tensor:
+        types, bits, clip = self._settings()
+        return self.op(x, types, bits=bits, clip=clip, backend=self.backend)
 
 
 def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
@@ -612,12 +602,9 @@ def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
         if kron_spec(iq.transform) is None:
             continue
         todo.append((lin, iq))
-    consumers: dict[int, int] = {}
-    for _, iq in todo:
-        consumers[id(iq)] = consumers.get(id(iq), 0) + 1
     fused: dict[int, FusedInputQuantizer] = {}  # one fused pipeline per shared original (q/k/v, gate/up)
     for lin, iq in todo:
         if id(iq) not in fused:
-            fused[id(iq)] = FusedInputQuantizer(iq, backend, consumers[id(iq)])
+            fused[id(iq)] = FusedInputQuantizer(iq, backend)
         attach_input_quantizer(lin, fused[id(iq)])
     return len(todo)

@@ -17,6 +17,7 @@ at a time is paged onto ``ctx.device`` (see :mod:`freeact.methods.streaming`).
 from __future__ import annotations
 
 from ..config.methods import GPTQSettings, as_dict, parse_settings
+from ..models.adapter import INPUT_SITES
 from ..quant.act import InputQuantizer, attach_input_quantizer
 from ..quant.kv import QKVHook, install_qkv_hooks
 from .context import QuantContext
@@ -56,9 +57,16 @@ class Method:
             return {}
         info = dict(self.transform(ctx) or {})
         for block in ctx.adapter.blocks():
-            for lin in block.linears().values():
-                attach_input_quantizer(lin, InputQuantizer(ctx.quant.act, ctx.input_transforms.get(lin),
-                                                           learnable_clip=ctx.learnable_act_clip))
+            lins = block.linears()
+            for names in INPUT_SITES.values():
+                # linears of one input site with the same transform share one pipeline (an evaluation
+                # forward then quantizes their input once); a learned clip belongs to its own linear
+                shared: dict[int, InputQuantizer] = {}
+                for lin in (lins[n] for n in names if n in lins):
+                    t = ctx.input_transforms.get(lin)
+                    if ctx.learnable_act_clip or id(t) not in shared:
+                        shared[id(t)] = InputQuantizer(ctx.quant.act, t, learnable_clip=ctx.learnable_act_clip)
+                    attach_input_quantizer(lin, shared[id(t)])
         self.quantize_weights(ctx)
         if ctx.quant.kv.enabled or ctx.qk_transform is not None:
             make_qk = ctx.qk_transform or (lambda: None)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..config.methods import resolve_amp
+from ..models.adapter import INPUT_SITES
 from ..quant.act import InputQuantizer, attach_input_quantizer
 from ..quant.kv import IMPL, QKVHook
 from ..transforms.affine import (AffineSite, CalibratingWeight, HeadTransform, HeadwiseVO,
@@ -40,7 +41,7 @@ from .context import QuantContext
 from .registry import register_method
 from .block_training import TrainConfig, train_blockwise
 
-SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",), "o": ("o",)}
+SITES = INPUT_SITES
 STAT_KEY = {"qkv": "q", "mlp": "up", "down": "down", "o": "o"}  # whose input the statistics were taken from
 
 

@@ -30,6 +30,10 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
     raise TypeError(f"no freeact adapter for {type(model).__name__}; known model classes: {known}")
 
 
+#: the linears of a block that read the same input, by the name of that input site
+INPUT_SITES = {"qkv": ("q", "k", "v"), "mlp": ("gate", "up"), "down": ("down",), "o": ("o",)}
+
+
 @dataclass
 class Block:
     """The parts of one decoder layer that methods touch."""
