@@ -53,11 +53,15 @@ def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x
 
 
-def _scale_zero(xg: torch.Tensor, spec: QuantSpec, clip) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_zero(xg: torch.Tensor, spec: QuantSpec, clip, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-group) scale and zero point. ``grad=False``: max |x| in one pass (no ``|x|`` copy), the
+    same value; with autograd, the form whose gradient training relies on."""
     clip = spec.clip_ratio if clip is None else clip
     if spec.symmetric:
         qmax = 2 ** (spec.bits - 1) - 1
-        xmax = xg.abs().amax(dim=-1, keepdim=True) * clip
+        absmax = (xg.abs().amax(dim=-1, keepdim=True) if grad
+                  else torch.linalg.vector_norm(xg, ord=math.inf, dim=-1, keepdim=True))
+        xmax = absmax * clip
         scale = (xmax / qmax).clamp(min=1e-8)
         return scale, torch.zeros_like(scale)
     qmax = 2**spec.bits - 1
@@ -77,10 +81,14 @@ def _qrange(spec: QuantSpec) -> tuple[int, int]:
 def to_grid(x: torch.Tensor, scale, zero, spec: QuantSpec, ste: bool = False) -> torch.Tensor:
     """The integer codes of ``x`` on the grid ``(scale, zero)`` of ``spec``: ``clamp(round(x / scale) + zero,
     qmin, qmax)`` (as floats). The one rounding rule of the project: fake quant (``ste=True``: straight-through
-    gradient), integer codes, GPTQ's columns and the kernels' eager references all call it."""
+    gradient), integer codes, GPTQ's columns and the kernels' eager references all call it. Without the
+    straight-through form the codes are rounded and clamped in place on the one new tensor, and a symmetric
+    grid's zero point (0) is not added: the same values, fewer passes over ``x``."""
     lo, hi = _qrange(spec)
-    r = round_ste(x / scale) if ste else torch.round(x / scale)
-    return torch.clamp(r + zero, lo, hi)
+    if ste:
+        return torch.clamp(round_ste(x / scale) + zero, lo, hi)
+    r = (x / scale).round_()
+    return (r if spec.symmetric else r.add_(zero)).clamp_(lo, hi)
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, clip=None) -> QTensor:
@@ -99,29 +107,16 @@ def _needs_grad(x: torch.Tensor, clip) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or (isinstance(clip, torch.Tensor) and clip.requires_grad))
 
 
-def _fake_quant_no_grad(xg: torch.Tensor, spec: QuantSpec, clip) -> torch.Tensor:
-    """:func:`fake_quant` without autograd, the same numbers (up to the sign of a zero): max |x| in one
-    pass (no ``abs`` copy), the rounding direct (the straight-through form ``(round(v) - v) + v`` equals
-    ``round(v)`` exactly), no zero point when symmetric, and in place on the one new tensor: about half
-    the memory passes of the training form, which is what an evaluation forward pays per activation."""
-    lo, hi = _qrange(spec)
-    if spec.symmetric:
-        clip = spec.clip_ratio if clip is None else clip
-        xmax = torch.linalg.vector_norm(xg, ord=math.inf, dim=-1, keepdim=True) * clip
-        scale = (xmax / hi).clamp(min=1e-8)
-        return (xg / scale).round_().clamp_(lo, hi).mul_(scale)
-    scale, zero = _scale_zero(xg, spec, clip)
-    return (xg / scale).round_().add_(zero).clamp_(lo, hi).sub_(zero).mul_(scale)
-
-
 def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
     """Quantize-dequantize ``x`` (straight-through rounding); identity when ``spec`` is off."""
     if not spec.enabled:
         return x
     xg = _grouped(x, spec)
-    if not _needs_grad(x, clip):
-        return _fake_quant_no_grad(xg, spec, clip).reshape(x.shape)
-    scale, zero = _scale_zero(xg, spec, clip)
+    grad = _needs_grad(x, clip)
+    scale, zero = _scale_zero(xg, spec, clip, grad)
+    if not grad:  # evaluation: the same numbers (up to the sign of a zero) in about half the passes over x
+        q = to_grid(xg, scale, zero, spec)
+        return (q if spec.symmetric else q.sub_(zero)).mul_(scale).reshape(x.shape)
     q = to_grid(xg, scale, zero, spec, ste=True)
     return ((q - zero) * scale).reshape(x.shape)
 
