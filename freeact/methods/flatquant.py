@@ -41,7 +41,6 @@ from .context import QuantContext
 from .registry import register_method
 from .block_training import TrainConfig, train_blockwise
 
-SITES = INPUT_SITES
 STAT_KEY = {"qkv": "q", "mlp": "up", "down": "down", "o": "o"}  # whose input the statistics were taken from
 
 
@@ -83,7 +82,7 @@ class LayerTransforms:
         self.before_merge = None  # optional: frozen site values -> info entries (FreeAct's energies)
 
     def _site_of(self, name: str) -> str:
-        return next(s for s, names in SITES.items() if name in names)
+        return next(s for s, names in INPUT_SITES.items() if name in names)
 
     # -- calibrating mode ----------------------------------------------------------------------
     def _input_side(self, name):
@@ -199,12 +198,12 @@ class FlatQuant(Method):
         alpha = self.cfg["smooth_alpha"]
         if alpha is None or site_name == "o":  # o_proj's input: no scaling (as FlatQuant)
             return None
-        lins = [getattr(block, n) for n in SITES[site_name] if getattr(block, n) is not None]
+        lins = [getattr(block, n) for n in INPUT_SITES[site_name] if getattr(block, n) is not None]
         w_absmax = torch.cat([l.weight.detach() for l in lins], 0).abs().amax(0).to(torch.float64)
         return smooth_scale(stats.absmax[STAT_KEY[site_name]].cpu(), w_absmax.cpu(), float(alpha))
 
     def make_site(self, ctx, i: int, site_name: str, block, stats, scale, slot: int):
-        d = getattr(block, SITES[site_name][-1]).in_features
+        d = getattr(block, INPUT_SITES[site_name][-1]).in_features
         return AffineSite(d, self.cfg["matrix"], self.cfg["structure"], scale=scale,
                           learn_scale=bool(self.cfg["learn_scale"]), init=self.cfg["matrix_init"],
                           generator=self._generator(ctx, i, slot), dtype=stats.dtype)

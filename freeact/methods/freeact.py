@@ -46,13 +46,14 @@ import warnings
 
 import torch
 
+from ..models.adapter import INPUT_SITES
 from ..models.token_types import TokenTypes, rules_from_names
 from ..transforms.affine import (AffineSite, HeadTransform, initial_matrix, kron_matmul, most_square_factors,
                                  random_orthogonal)
 from ..transforms.typed import TypeMask, owner_from_ranks, ranks_from_ratio, typed_basis, zeroed_energy
 from .context import QuantContext
 from .registry import register_method
-from .flatquant import SITES, STAT_KEY, FlatQuant
+from .flatquant import STAT_KEY, FlatQuant
 
 
 def token_type_rules(adapter, entries) -> list[tuple[str, list[int] | None]]:
@@ -122,7 +123,7 @@ class FreeAct(FlatQuant):
         return {f"energy_{when}.{n}": round(v, 6) for n, v in zip(self.token_types.names, vals) if v is not None}
 
     def make_site(self, ctx, i: int, site_name: str, block, stats, scale, slot: int):
-        d = getattr(block, SITES[site_name][-1]).in_features
+        d = getattr(block, INPUT_SITES[site_name][-1]).in_features
         gen = self._generator(ctx, i, slot)
         c = self.cfg
         covs = present = None
