@@ -18,23 +18,21 @@ export PYTHONPATH=$SITE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offlin
 mkdir -p "$logs"
 echo "testbed,flatquant_s,freeact_flat_r0_s,t,freeact_epochs,flatquant_epochs" > "$logs/ratio.csv"
 first="" second=""
+secs() { grep -o 'train [0-9.]* s' "$logs/$1.txt" | head -n 1 | cut -d' ' -f2; }  # a profile report's seconds
 for tb in $testbeds; do
   for m in flatquant freeact_flat_r0; do
     [ -s "$logs/${tb}_$m.txt" ] && continue  # timed in an earlier call on this machine
     (cd "$K/code" && "$PY" experiments/profile_step.py "+experiment=repro_$tb" "method=$m" --layers "$LAYERS" \
       --epochs 1 --profile-steps 0 --out "$logs/${tb}_$m.txt") >&2
   done
-  secs() { grep -o 'train [0-9.]* s' "$logs/${tb}_$1.txt" | head -n 1 | cut -d' ' -f2; }
-  flat=$(secs flatquant) free=$(secs freeact_flat_r0)
+  flat=$(secs "${tb}_flatquant") free=$(secs "${tb}_freeact_flat_r0")
   read -r t M N <<< "$(awk -v a="$flat" -v b="$free" -v e="$EPOCHS" \
     'BEGIN { t = b / a; m = int(e / t); if (m < 1) m = 1; printf "%.3f %d %d\n", t, m, int(e * t + 0.5) }')"
   echo "$tb,$flat,$free,$t,$M,$N" >> "$logs/ratio.csv"
   echo "$tb: FlatQuant $flat s, freeact_flat_r0 $free s, t = $t: freeact_flat_r0 at $M epochs, FlatQuant at $N" >&2
+  res="results_file=$K/res/$tb.csv" slower=$(awk -v t="$t" 'BEGIN { print (t > 1) }')
   for s in 0 1 2; do
-    res="results_file=$K/res/$tb.csv"
-    if awk -v t="$t" 'BEGIN { exit !(t > 1) }'; then
-      first+="+experiment=repro_$tb method=freeact_flat_r0 method.epochs=$M method.label=freeact_flat_r0_${M}ep seed=$s $res"$'\n'
-    fi
+    [ "$slower" = 1 ] && first+="+experiment=repro_$tb method=freeact_flat_r0 method.epochs=$M method.label=freeact_flat_r0_${M}ep seed=$s $res"$'\n'
     second+="+experiment=repro_$tb method=flatquant method.epochs=$N method.label=flatquant_${N}ep seed=$s $res"$'\n'
   done
 done
