@@ -17,10 +17,11 @@ built with ``--layers k`` decoder layers (plus the real embeddings and LM head) 
 entirely; :class:`~freeact.methods.streaming.LayerTimeline` splits the wall time into the part before
 the first layer starts (capture, fusions, rotations) and one segment per layer (the mean segment is
 the measured per-layer time; the first is excluded when ``k >= 2``; the last includes the final weight
-quantization pass), and a global optimizer-step hook times the training steps. The full-model figure,
+quantization pass), and the trainer's own per-layer training time (``train_layer_seconds``, CUDA-graph replays
+included) over its steps gives the time of a step. The full-model figure,
 labelled ``extrapolated``, is ``prefix + num_layers x per_layer`` where, for the learned methods, the
 per-layer time is the measured non-training part plus ``ceil(128 / 4) x 15 = 480`` steps at the
-measured median step time (so ``--epochs 1`` already gives the published-settings estimate); with
+measured mean step time (so ``--epochs 1`` already gives the published-settings estimate); with
 fewer than ``--target-nsamples`` sequences, the parts linear in the data are scaled up (an upper bound).
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` during calibration; the extrapolated peak adds
 the other layers' weights when not streaming and the larger calibration cache when fewer sequences
@@ -35,7 +36,7 @@ depth. The float32 matmul precision in force (TF32 or not, including the
 decoder layer separate the layers from the rest (embeddings, LM head), so the full-depth ratio
 ``(rest + L x layer_q) / (rest + L x layer_bf16)`` is extrapolated too.
 
-Targets printed at the end: FreeAct on an 8B model <= 30 min and <= 40 GB peak; fake-quant evaluation
+Targets printed at the end: FreeAct and FlatQuant on an 8B model <= 30 min and <= 40 GB peak; fake-quant evaluation
 <= 1.5x the bf16 forward.
 
     PYTHONPATH=. python experiments/bench_cost.py [--quick] [--models llada_8b,dream_7b,qwen2_5_vl_7b]
@@ -46,6 +47,7 @@ Targets printed at the end: FreeAct on an 8B model <= 30 min and <= 40 GB peak; 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -223,36 +225,32 @@ def profile_forward(model, ids: torch.Tensor, device: str, top: int) -> str:
             + ev.table(sort_by=sort, row_limit=top, max_name_column_width=70))
 
 
+@contextlib.contextmanager
+def calib_profiler(top: int, cuda: bool):
+    """``torch.profiler`` over the whole calibration when ``top`` > 0 (else nothing): which kernels a
+    training step spends its time in (kernels replayed from a CUDA graph are traced too). The timings of a
+    profiled run are not recorded."""
+    if not top:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        yield prof
+
+
 def extrapolated_ratio(t_q, l_q, t_b, l_b, k: int, L: int) -> float:
     rest = max(t_b - l_b, 0.0)
     return (rest + L * l_q / k) / (rest + L * l_b / k)
 
 
-class StepClock:
-    """Timestamps after every optimizer step (a global ``torch.optim`` hook): the learned methods'
-    training steps, to extrapolate from the epochs timed to the published 15."""
-
-    def __init__(self, sync: bool):
-        self.sync, self.times, self._h = sync, [], None
-
-    def __enter__(self) -> "StepClock":
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self._h = register_optimizer_step_post_hook(self._post)
-        return self
-
-    def _post(self, *_):
-        if self.sync:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-    def __exit__(self, *exc) -> None:
-        self._h.remove()
-
-    def step_s(self) -> float:
-        """Median seconds of one step (forward, backward, update), from consecutive step ends."""
-        diffs = [b - a for a, b in zip(self.times[:-1], self.times[1:])]
-        return statistics.median(diffs) if diffs else 0.0
+def step_seconds(info: dict) -> tuple[int, float]:
+    """``(steps, seconds per step)`` of a learned method's block training, from its own per-layer timing
+    (``train_layer_seconds``: first step to the layer's last, CUDA-graph replays included; a timer in an
+    optimizer hook would see only the eager steps, and one that synchronises breaks the graph capture)."""
+    steps = int(info.get("train_steps", 0) or 0)
+    secs = [float(v) for v in str(info.get("train_layer_seconds", "")).split("|") if v]
+    return steps, (sum(secs) / steps if steps and secs else 0.0)
 
 
 def extrapolate(method: str, args, prefix: float, per_layer: float, steps: int, step_s: float, k: int,
@@ -319,14 +317,14 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     ctx = QuantContext(model, adapter, q, calib, device=dev, batch_size=4, seed=0, progress=args.progress,
                        streaming=streaming, stream_cache="device")
     cfg = method_cfg(method, model_name, args.epochs, args.amp)
-    with LayerTimeline(adapter) as tl, StepClock(cuda) as clock:
+    with LayerTimeline(adapter) as tl, calib_profiler(args.profile_calib, cuda) as prof:
         info = get_method(method, cfg).apply(ctx)
         tl.stop()
     wall = tl.t_end - tl.t0
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     segs = tl.segments()
     per_layer = statistics.mean(segs[1:] if len(segs) >= 2 else segs) if segs else 0.0
-    steps, step_s = len(clock.times), clock.step_s()
+    steps, step_s = step_seconds(info)
     full_layer, total_x, label = extrapolate(method, args, tl.prefix(), per_layer, steps, step_s, k, L)
     extra_cache = (args.target_nsamples - args.nsamples) * cache_bytes_per_sequence(
         method, args.seqlen, model.config.hidden_size)
@@ -343,6 +341,15 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     except Exception as e:  # report and keep the calibration numbers
         print(f"{model_name}/{method}: fused evaluation failed: {type(e).__name__}: {e}")
         n_fused, t_f, l_f = 0, float("nan"), float("nan")
+    if prof is not None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        out = Path(args.profile_dir) / f"calib_profile_{model_name}_{method}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_calib, max_name_column_width=70)
+        out.write_text(f"{base['device']} | torch {base['torch']} | {' '.join(sys.argv[1:])}\n"
+                       f"{steps} training steps, {step_s:.4f} s a step (profiled: slower than unprofiled); "
+                       f"CUDA graph: {info.get('cuda_graph', '-')}\n\n{table}\n")
+        print(table + f"\n(written to {out})", flush=True)
     if profiles:
         out = Path(args.profile_dir) / f"eval_profile_{model_name}_{method}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -359,7 +366,8 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
                  note="before the first layer: capture, fusions, rotations"),
             dict(common, metric="calib_per_layer_s_measured", value=round(per_layer, 2), unit="s",
                  note="segments " + "|".join(f"{s:.2f}" for s in segs) + f"; {steps} optimizer steps"),
-            dict(common, metric="calib_step_s", value=round(step_s, 4), unit="s", note="median, learned methods"),
+            dict(common, metric="calib_step_s", value=round(step_s, 4), unit="s",
+                 note=f"mean over the training, learned methods; CUDA graph: {info.get('cuda_graph', '-')}"),
             dict(common, metric="calib_per_layer_s", value=round(full_layer, 2), unit="s", note=label),
             dict(common, metric="calib_total_s", value=round(total_x, 1), unit="s", note=label),
             dict(common, metric="peak_gpu_gb_measured", value=round(peak / GB, 2), unit="GiB", note=note),
@@ -379,7 +387,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
                       note=f"fused kernel; {label}")]
     summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
                    total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
-                   layer_ratio=l_q / l_b, info_keys=len(info))
+                   layer_ratio=l_q / l_b, info_keys=len(info), profiled=prof is not None)
     del model, adapter, ctx
     gc.collect()
     if cuda:
@@ -403,15 +411,15 @@ def print_table(summaries: list[dict]) -> None:
               f"{s['per_layer']:.1f} | {s['total'] / 60:.1f} min | {s['peak']:.1f} / {s['peak_x']:.1f} | "
               f"{s['ratio']:.2f}x / {fused} ({s['layer_ratio']:.2f}x) |")
     print("\nTargets:")
-    fa = [s for s in summaries if s["method"] == "freeact" and s["model"] == "llada_8b"] or \
-         [s for s in summaries if s["method"] == "freeact"]
-    for s in fa:
+    learned = [s for s in summaries if s["method"] in LEARNED and not s["profiled"]]
+    for s in learned:
         mins = s["total"] / 60
-        print(f"  FreeAct {s['model']}: calibration {mins:.1f} min (extrapolated) <= {TARGETS['freeact_minutes']:.0f} min: "
-              f"{'MET' if mins <= TARGETS['freeact_minutes'] else 'NOT MET'}; peak {s['peak_x']:.1f} GiB <= "
-              f"{TARGETS['freeact_peak_gb']:.0f} GB: {'MET' if s['peak_x'] <= TARGETS['freeact_peak_gb'] else 'NOT MET'}")
-    if not fa:
-        print("  FreeAct: not measured")
+        print(f"  {s['method']} {s['model']}: calibration {mins:.1f} min ({s['k']} layers timed, extrapolated) <= "
+              f"{TARGETS['freeact_minutes']:.0f} min: {'MET' if mins <= TARGETS['freeact_minutes'] else 'NOT MET'}; "
+              f"peak {s['peak_x']:.1f} GiB <= {TARGETS['freeact_peak_gb']:.0f} GB: "
+              f"{'MET' if s['peak_x'] <= TARGETS['freeact_peak_gb'] else 'NOT MET'}")
+    if not learned:
+        print("  FreeAct / FlatQuant calibration: not measured")
     for s in summaries:
         if s["method"] in ("quarot", "flatquant", "freeact"):
             best = min(s["ratio"], s["ratio_f"]) if not math.isnan(s["ratio_f"]) else s["ratio"]
@@ -437,6 +445,8 @@ def main(argv=None) -> None:
                     help="block training precision of the learned methods (method.amp)")
     ap.add_argument("--profile-eval", type=int, default=0, metavar="N",
                     help="also profile one bf16 and one fake-quant forward: the N operators that take the most time")
+    ap.add_argument("--profile-calib", type=int, default=0, metavar="N",
+                    help="profile the calibration and print its top N kernels (calib_profile_*.txt); no rows")
     ap.add_argument("--profile-dir", default=str(ROOT / "results" / "perf_logs"),
                     help="where --profile-eval writes eval_profile_<model>_<method>.txt")
     ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip what starts after this many seconds")
@@ -480,7 +490,10 @@ def main(argv=None) -> None:
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
-            append_rows(args.out, rows)
+            if s["profiled"]:
+                print(f"{model_name}/{method}: profiled calibration, timings not recorded")
+            else:
+                append_rows(args.out, rows)
             summaries.append(s)
             print(f"{model_name:14s} {method:9s} wall {s['wall']:7.1f} s | {s['per_layer']:6.2f} s/layer | "
                   f"total {s['total'] / 60:6.1f} min (extrapolated) | peak {s['peak']:.1f} GiB "
@@ -488,7 +501,8 @@ def main(argv=None) -> None:
                   f"| {time.time() - t1:.0f} s", flush=True)
     if skipped:
         print(f"skipped (budget {args.budget_s:.0f} s): {', '.join(skipped)}")
-    print(f"rows appended to {args.out}; {time.time() - t0:.0f} s")
+    recorded = sum(not s["profiled"] for s in summaries)
+    print(f"{recorded} measurement(s) appended to {args.out}; {time.time() - t0:.0f} s")
     print_table(summaries)
 
 

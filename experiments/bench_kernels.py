@@ -46,8 +46,8 @@ from freeact.transforms.hadamard import fast_hadamard_transform  # noqa: E402
 
 PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, vendor datasheets
 L2_BYTES = 60e6
-FIELDS = ["timestamp", "bench", "device", "torch", "triton", "transformers", "command", "item", "model", "method",
-          "shape", "tokens", "metric", "value", "unit", "note"]
+FIELDS = ["timestamp", "bench", "device", "torch", "triton", "transformers", "commit", "command", "item", "model",
+          "method", "shape", "tokens", "metric", "value", "unit", "note"]
 
 ACT_WIDTHS = [4096, 3584, 12288, 14336, 18944]
 LINEARS = [  # (K, N, what)
@@ -69,8 +69,11 @@ def env_info() -> dict:
     except Exception:
         hv = "none"
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
+    from freeact.experiment import git_commit
+
     return {"timestamp": dt.datetime.now().isoformat(timespec="seconds"), "device": dev, "torch": torch.__version__,
-            "triton": tv, "transformers": hv, "command": " ".join(shlex.quote(a) for a in sys.argv)}
+            "triton": tv, "transformers": hv, "commit": git_commit(),
+            "command": " ".join(shlex.quote(a) for a in sys.argv)}
 
 
 def peak_bandwidth(device_name: str) -> tuple[float | None, str]:
@@ -85,6 +88,12 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            raise SystemExit(f"{path} has other columns ({','.join(header)}) than this version writes: "
+                             "write to a new file (--out)")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,36 @@ def test_bench_cost_dry_run_writes_rows_and_the_eval_profile(tmp_path):
     for metric in ("calib_total_s", "calib_per_layer_s_measured", "eval_bf16_ms", "eval_overhead", "peak_gpu_gb"):
         assert metric in got, metric
     assert got["calib_step_s"] > 0 and got["eval_overhead"] > 0
+    step_note = rows.loc[rows["metric"] == "calib_step_s", "note"].item()
+    assert "CUDA graph: not on a CUDA device" in step_note  # the trainer's own report, carried into the row
     assert set(rows["shape"]) == {"8x32, layers timed 2/32"}
     text = (prof / "eval_profile_llada_8b_flatquant.txt").read_text()
     assert "## llada_8b bf16 forward" in text and "## llada_8b flatquant fake-quant forward" in text
     assert "aten::" in text  # the operator table
+
+
+def test_profiled_calibration_writes_the_kernel_table_and_no_rows(tmp_path):
+    out, prof = tmp_path / "perf.csv", tmp_path / "prof"
+    p = subprocess.run([sys.executable, str(ROOT / "experiments/bench_cost.py"), "--device", "cpu", "--tiny",
+                        "--nsamples", "8", "--seqlen", "32", "--eval-tokens", "32", "--models", "dream_7b",
+                        "--methods", "freeact", "--layers", "1", "--epochs", "1", "--profile-calib", "5",
+                        "--profile-dir", str(prof), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not out.exists()  # a profiled run is slower: its timings are not recorded
+    text = (prof / "calib_profile_dream_7b_freeact.txt").read_text()
+    assert "2 training steps" in text and "aten::" in text
+
+
+def test_rows_go_only_to_a_file_with_the_same_columns(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_kernels import FIELDS, append_rows
+
+    path = tmp_path / "perf.csv"
+    append_rows(path, [{"bench": "cost", "metric": "x", "value": 1}])
+    append_rows(path, [{"bench": "cost", "metric": "y", "value": 2}])
+    assert list(pd.read_csv(path)["metric"]) == ["x", "y"] and list(pd.read_csv(path).columns) == FIELDS
+    old = tmp_path / "old.csv"
+    old.write_text("timestamp,bench,metric,value\n")
+    with pytest.raises(SystemExit, match="other columns"):
+        append_rows(old, [{"bench": "cost", "metric": "x", "value": 1}])

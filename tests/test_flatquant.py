@@ -159,6 +159,8 @@ def test_trained_flatquant_model_is_invariant_in_float64(tiny_model, tokenizer, 
     ctx = make_ctx(model, tokenizer, w=16, a=4, kv=4)
     info = FlatQuant({"epochs": 1, "lr": 1e-2, "batch_size": 2}).apply(ctx)
     assert info["train_steps"] == 2 * 2 and info["nonfinite"] == "none"
+    layer_secs = [float(v) for v in info["train_layer_seconds"].split("|")]  # the step time bench_cost reads
+    assert len(layer_secs) == 2 and all(v > 0 for v in layer_secs)
     with torch.no_grad():
         quantized = model(input_ids=ids).logits
         set_act_quant(model, False)

@@ -274,7 +274,7 @@ def layer_steps(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
     base_lr = [lr for params, lr in ((main, cfg.lr), (clips, cfg.lr * cfg.clip_lr_mult)) if params]
     total = cfg.epochs * len(hidden)
     info = {"loss_first_epoch": float("nan"), "loss_last_epoch": float("nan"), "steps": 0, "nonfinite": None,
-            "err": {}, "cuda_graph": "off"}
+            "err": {}, "cuda_graph": "off", "seconds": 0.0}
     if not base_lr or total == 0:
         return info
     obstacle = graph_obstacle(cfg, hidden, kwargs, targets, types, valid)
@@ -336,6 +336,7 @@ def layer_steps(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
 
     captured, side = None, (torch.cuda.Stream(device) if graphed else None)
     step_no = 0
+    t_start = time.perf_counter()
     epoch_loss = torch.zeros(cfg.epochs, dtype=torch.float64, device=device)  # summed batch losses per epoch
     try:
         for epoch in range(cfg.epochs):
@@ -384,6 +385,7 @@ def layer_steps(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
                 running += loss.detach()
                 yield
         means = [v / len(hidden) for v in epoch_loss.tolist()]  # one host sync per layer
+        info["seconds"] = time.perf_counter() - t_start  # to that sync: every step of this layer has run
         bad = next((e for e, v in enumerate(means) if not math.isfinite(v)), None)
         if bad is not None:
             raise NonFiniteLossError(f"non-finite block loss in layer {index}, epoch {bad}; "
@@ -533,6 +535,8 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         "train_seconds": round(time.time() - t0, 3),
         "amp": cfg.amp,
         "train_steps": sum(r["steps"] for r in losses),
+        # per layer, first step to the layer's last step done (layers in flight overlap: their times do too)
+        "train_layer_seconds": "|".join(f"{r.get('seconds', 0.0):.3f}" for r in losses),
         "loss_first_epoch": "|".join(f"{v:.4g}" for v in first),
         "loss_last_epoch": "|".join(f"{v:.4g}" for v in last),
         "nonfinite": "; ".join(info.get("nonfinite", [])) or "none",
