@@ -208,8 +208,9 @@ class ForwardProbe:
 
 @torch.no_grad()
 def profile_forward(model, ids: torch.Tensor, device: str, top: int) -> str:
-    """The ``top`` operators of one forward by device time (self time; CPU time on a CPU), after one warm-up
-    forward: where an evaluation overhead comes from."""
+    """The ``top`` operators of one forward by device time and by host time (self times; CPU time only on a
+    CPU), after one warm-up forward, and on a GPU the host synchronisations one forward makes: where an
+    evaluation overhead comes from (a forward whose host time exceeds its device time leaves the GPU idle)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
@@ -220,9 +221,30 @@ def profile_forward(model, ids: torch.Tensor, device: str, top: int) -> str:
         _sync(device)
     ev = prof.key_averages()
     kernels = sum(e.count for e in prof.events() if e.device_type.name == "CUDA")
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return (f"{kernels} device kernels in one forward\n"
-            + ev.table(sort_by=sort, row_limit=top, max_name_column_width=70))
+    head = f"{kernels} device kernels in one forward"
+    tables = []
+    if cuda:
+        head += f"; {host_syncs(model, ids)} host synchronisations (torch.cuda sync debug mode)"
+        tables.append("by device time\n" + ev.table(sort_by="self_cuda_time_total", row_limit=top,
+                                                      max_name_column_width=70))
+    tables.append("by host time\n" + ev.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+    return head + "\n" + "\n".join(tables)
+
+
+@torch.no_grad()
+def host_syncs(model, ids: torch.Tensor) -> int:
+    """How many times one forward makes the host wait for the GPU (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 @contextlib.contextmanager
@@ -237,6 +259,16 @@ def calib_profiler(top: int, cuda: bool):
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         yield prof
+
+
+def phase_summary(prof) -> str:
+    """Host and device milliseconds of the block trainer's named phases (full-precision pass, steps, merge)."""
+    lines = ["phase | calls | host ms | device ms"]
+    for e in prof.key_averages():
+        if e.key.startswith("block_training."):
+            dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+            lines.append(f"{e.key} | {e.count} | {e.cpu_time_total / 1e3:.1f} | {dev / 1e3:.1f}")
+    return "\n".join(lines)
 
 
 def extrapolated_ratio(t_q, l_q, t_b, l_b, k: int, L: int) -> float:
@@ -345,7 +377,8 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         out = Path(args.profile_dir) / f"calib_profile_{model_name}_{method}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
-        table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_calib, max_name_column_width=70)
+        table = phase_summary(prof) + "\n\n" + prof.key_averages().table(
+            sort_by=sort, row_limit=args.profile_calib, max_name_column_width=70)
         out.write_text(f"{base['device']} | torch {base['torch']} | {' '.join(sys.argv[1:])}\n"
                        f"{steps} training steps, {step_s:.4f} s a step (profiled: slower than unprofiled); "
                        f"CUDA graph: {info.get('cuda_graph', '-')}\n\n{table}\n")

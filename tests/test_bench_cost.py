@@ -42,6 +42,7 @@ def test_profiled_calibration_writes_the_kernel_table_and_no_rows(tmp_path):
     assert not out.exists()  # a profiled run is slower: its timings are not recorded
     text = (prof / "calib_profile_dream_7b_freeact.txt").read_text()
     assert "2 training steps" in text and "aten::" in text
+    assert "block_training.step | 2 |" in text and "block_training.full_precision_pass | 1 |" in text
 
 
 def test_rows_go_only_to_a_file_with_the_same_columns(tmp_path):

@@ -30,6 +30,7 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
@@ -344,26 +345,27 @@ def layer_steps(layer: nn.Module, plan: LayerPlan, hidden, kwargs, types, target
             last_epoch = epoch == cfg.epochs - 1
             for j, (h, kw, y) in enumerate(zip(hidden, kwargs, targets)):
                 batch = (h, kw, y, None if types is None else types[j], None if valid is None else valid[j])
-                if not graphed:
-                    out, loss = step(*batch)
-                elif step_no < GRAPH_WARMUP:
-                    side.wait_stream(torch.cuda.current_stream(device))
-                    with torch.cuda.stream(side):
+                with record_function("block_training.step"):  # named in a profile (bench_cost --profile-calib)
+                    if not graphed:
                         out, loss = step(*batch)
-                    torch.cuda.current_stream(device).wait_stream(side)
-                else:
-                    if captured is None:
-                        try:
-                            captured = CapturedStep(step, batch)
-                        except RuntimeError as e:  # something in the step cannot be captured
-                            if cfg.cuda_graph is True:
-                                raise
-                            obstacle = f"capture failed: {str(e).splitlines()[0][:120]}"
-                            first = e.__context__ or e  # the op that broke the capture, when it raised first
-                            log.warning(f"layer {index}: {obstacle}; the remaining steps run eagerly\n"
-                                        + "".join(traceback.format_exception(first)[-12:]))
-                            graphed = False
-                    out, loss = captured(batch) if graphed else step(*batch)
+                    elif step_no < GRAPH_WARMUP:
+                        side.wait_stream(torch.cuda.current_stream(device))
+                        with torch.cuda.stream(side):
+                            out, loss = step(*batch)
+                        torch.cuda.current_stream(device).wait_stream(side)
+                    else:
+                        if captured is None:
+                            try:
+                                captured = CapturedStep(step, batch)
+                            except RuntimeError as e:  # something in the step cannot be captured
+                                if cfg.cuda_graph is True:
+                                    raise
+                                obstacle = f"capture failed: {str(e).splitlines()[0][:120]}"
+                                first = e.__context__ or e  # the op that broke the capture, when it raised first
+                                log.warning(f"layer {index}: {obstacle}; the remaining steps run eagerly\n"
+                                            + "".join(traceback.format_exception(first)[-12:]))
+                                graphed = False
+                        out, loss = captured(batch) if graphed else step(*batch)
                 if loss is None:  # keep_last: restore the last finite parameters, stop this layer
                     with torch.no_grad():
                         for p, good in zip(params, last_good):
@@ -496,7 +498,8 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         bar.update(1)
         for p in plan.param_groups()[0] + plan.param_groups()[1]:
             p.requires_grad_(False)
-        plan.merge()
+        with record_function("block_training.merge"):
+            plan.merge()
         job.layer.to(job.orig)
         losses[i] = res
         for k, v in getattr(plan, "info", {}).items():
@@ -511,8 +514,9 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         for i, block in enumerate(adapter.blocks()):
             layer = block.layer
             orig, hidden, kw = float_layer(layer, hidden, kwargs)
-            targets, stats = full_precision_pass(block, hidden, kw, types, token_types, num_types, want_cov,
-                                                 want_qk_cov, valid)
+            with record_function("block_training.full_precision_pass"):
+                targets, stats = full_precision_pass(block, hidden, kw, types, token_types, num_types, want_cov,
+                                                     want_qk_cov, valid)
             plan = build(i, block, stats)
             plan.install()
             job = _LayerJob(i, layer, plan, orig)
