@@ -15,7 +15,8 @@ from freeact.quant.kv import IMPL
 from freeact.data.calib import build_calib_set as _build_calib_set
 from freeact.quant.quantizer import QuantSpec, fake_quant
 from freeact.quant.rtn import rtn_quantize_weight
-from freeact.transforms.affine import AffineSite, CayleyOrthogonal, HeadwiseVO, kron_matmul, most_square_factors
+from freeact.transforms.affine import (AffineSite, CayleyOrthogonal, HeadwiseVO, clipped_fake_quant,
+                                      compiled_clipped_fake_quant, kron_matmul, most_square_factors)
 
 
 def build_calib_set(tokenizer, source, n, seqlen, seed, mask_token_id=None):
@@ -387,3 +388,33 @@ def test_graph_obstacle_names_what_prevents_a_cuda_graph():
     assert graph_obstacle(TrainConfig(), h, other_kw, h, types, None).startswith("calibration batch 1 differs")
     valid = [torch.ones(2, 8, dtype=torch.bool), torch.ones(2, 9, dtype=torch.bool)]
     assert graph_obstacle(TrainConfig(), h, kw, h, types, valid).startswith("calibration batch 1 differs")
+
+
+def test_compiled_weight_side_gives_the_eager_values_and_gradients():
+    """method.compile: the weights' clip + fake quant through torch.compile (inductor; on the CPU here) gives
+    the eager function's outputs exactly and its gradients to float32 rounding, with and without the clip."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(48, 64, generator=g)
+    a0, b0 = 4 + 0.5 * torch.randn(48, 1, generator=g), 4 + 0.5 * torch.randn(48, 1, generator=g)
+    gy = torch.randn(48, 64, generator=g)
+    spec = QuantSpec(bits=4)
+    for clipped in (True, False):
+        got = []
+        for fn in (clipped_fake_quant, compiled_clipped_fake_quant()):
+            w, a, b = (t.clone().requires_grad_() for t in (w0, a0, b0))
+            y = fn(w, a if clipped else None, b if clipped else None, spec)
+            (y * gy).sum().backward()
+            got.append([y.detach(), w.grad] + ([a.grad, b.grad] if clipped else []))
+        (y_eager, *g_eager), (y_comp, *g_comp) = got
+        assert torch.equal(y_eager, y_comp)
+        assert len(torch.unique(y_eager)) > 10  # a real quantization, not a constant
+        for ge, gc in zip(g_eager, g_comp):
+            torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
+            assert ge.abs().max() > 0
+
+
+def test_compile_is_on_by_default_on_a_gpu_only():
+    assert not FlatQuant({}).compiles("cpu") and FlatQuant({}).compiles("cuda")
+    assert FlatQuant({"compile": True}).compiles("cpu") and not FlatQuant({"compile": False}).compiles("cuda")
+    with pytest.raises(ValueError, match="compile"):
+        get_method("flatquant", {"compile": "maybe"})

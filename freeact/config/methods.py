@@ -184,6 +184,7 @@ class FlatQuantSettings(GPTQSettings):
     fuse_norms: bool = True  # fold RMSNorm scales into the following linears first (float64)
     amp: str = AUTO  # block training under autocast: bf16 | fp16 | off; auto = bf16 on a GPU, off on a CPU
     cuda_graph: AutoBool = AUTO  # each training step replayed from a CUDA graph; auto = on a GPU when it can be
+    compile: AutoBool = AUTO  # the weights' clip + fake quant in training through torch.compile; auto = on a GPU
     # layers trained at once, interleaved step by step, each on its own CUDA stream (the full-precision chain
     # makes them independent: the same model as 1); > 1 pays on a GPU when one layer's step leaves it idle,
     # and holds that many layers' calibration inputs and targets at once
@@ -193,6 +194,7 @@ class FlatQuantSettings(GPTQSettings):
         super().check()
         _choice(self, "amp", AMP)
         _auto_bool(self, "cuda_graph")
+        _auto_bool(self, "compile")
         _need(self.epochs >= 0, f"method.epochs={self.epochs} must be >= 0")
         _need(self.lr > 0, f"method.lr={self.lr} must be > 0")
         _need(self.clip_lr_mult > 0, f"method.clip_lr_mult={self.clip_lr_mult} must be > 0")

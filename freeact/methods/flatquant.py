@@ -66,8 +66,9 @@ class LayerTransforms:
     """
 
     def __init__(self, block, sites: dict, vo: HeadwiseVO | None, k_transform, quant, lwc: bool, lac: bool,
-                 info: dict | None = None):
+                 info: dict | None = None, compiled: bool = False):
         self.block, self.sites, self.vo, self.k_transform, self.quant = block, sites, vo, k_transform, quant
+        self.compiled = compiled  # the weights' clip + fake quant through torch.compile
         self.lins = block.linears()
         self.clips = {n: WeightClip(l.out_features, dtype=l.weight.dtype).to(l.weight.device)
                       for n, l in self.lins.items()} if (lwc and quant.weight.enabled) else {}
@@ -99,7 +100,8 @@ class LayerTransforms:
             attach_input_quantizer(lin, self.iqs[n])
             out = self.vo.transform_v_weight if (n == "v" and self.vo is not None) else None
             parametrize.register_parametrization(
-                lin, "weight", CalibratingWeight(self._input_side(n), out, self.clips.get(n), self.quant.weight))
+                lin, "weight", CalibratingWeight(self._input_side(n), out, self.clips.get(n), self.quant.weight,
+                                                 compiled=self.compiled))
             if n == "v" and self.vo is not None and lin.bias is not None:
                 bias_side = CalibratingWeight(output_side=self.vo.transform_v_bias)
                 parametrize.register_parametrization(lin, "bias", bias_side)
@@ -150,6 +152,11 @@ class FlatQuant(Method):
                            on_nonfinite=c["on_nonfinite"], loss_by_type=self.loss_by_type,
                            amp=resolve_amp(c["amp"], device), cuda_graph=c["cuda_graph"],
                            layers_in_flight=int(c["layers_in_flight"]))
+
+    def compiles(self, device) -> bool:
+        """Whether the weights' clip + fake quant go through torch.compile (``method.compile``; auto: on a GPU)."""
+        c = self.cfg["compile"]
+        return torch.device(device).type == "cuda" if c == "auto" else bool(c)
 
     def uses_k_transform(self, ctx: QuantContext) -> bool:
         kt = self.cfg["kv_transform"]
@@ -235,7 +242,8 @@ class FlatQuant(Method):
         if k is not None:
             k = k.to(device)
             info.update({f"k.{kk}": v for kk, v in getattr(k, "info", {}).items()})
-        return LayerTransforms(block, sites, vo, k, ctx.quant, bool(self.cfg["lwc"]), bool(self.cfg["lac"]), info)
+        return LayerTransforms(block, sites, vo, k, ctx.quant, bool(self.cfg["lwc"]), bool(self.cfg["lac"]), info,
+                               compiled=self.compiles(ctx.device))
 
 
 def _per_head_congruence(cov: torch.Tensor, pv: torch.Tensor, heads: int) -> torch.Tensor:
