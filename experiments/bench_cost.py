@@ -152,12 +152,14 @@ def calib_set(name: str, model, nsamples: int, seqlen: int, seed: int = 0) -> Ca
     return CalibSet(ids, ids)
 
 
-def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off", compile_: str = "auto") -> dict:
+def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off", compile_: str = "default") -> dict:
     cfg = dict(METHODS[method])
     if method in LEARNED:
         cfg["epochs"] = epochs
         cfg["amp"] = amp
-        cfg["compile"] = {"auto": "auto", "on": True, "off": False}[compile_]
+        cfg["compile"] = {"auto": "auto", "on": True, "off": False, "default": None}[compile_]
+        if cfg["compile"] is None:
+            del cfg["compile"]
     if method == "freeact" and MODELS[model_name]["family"] == "causal_qwen2":
         cfg["token_types"] = [{"name": "image", "ids": [IMAGE_TOKEN]}, "text"]
     return cfg
@@ -394,7 +396,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
     common = dict(base, bench="cost", model=model_name, method=method, tokens=args.nsamples * args.seqlen,
                   shape=f"{args.nsamples}x{args.seqlen}, layers timed {k}/{L}")
-    note = (f"streaming={streaming} {args.tf32_state} amp={cfg.get('amp', '-')} compile={cfg.get('compile', '-')} "
+    note = (f"streaming={streaming} {args.tf32_state} amp={cfg.get('amp', '-')} compile={cfg.get('compile', 'method default')} "
             f"epochs={cfg.get('epochs', '-')} batch=4")
     rows = [dict(common, metric="calib_wall_s_measured", value=round(wall, 2), unit="s", note=note),
             dict(common, metric="calib_prefix_s", value=round(tl.prefix(), 2), unit="s",
@@ -478,7 +480,7 @@ def main(argv=None) -> None:
                     help="TF32 matmuls (the learned methods train in float32)")
     ap.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
                     help="block training precision of the learned methods (method.amp)")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+    ap.add_argument("--compile", choices=("default", "auto", "on", "off"), default="default",
                     help="learned methods' method.compile (the weights' clip + fake quant through torch.compile)")
     ap.add_argument("--profile-eval", type=int, default=0, metavar="N",
                     help="also profile one bf16 and one fake-quant forward: the N operators that take the most time")

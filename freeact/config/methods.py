@@ -184,7 +184,9 @@ class FlatQuantSettings(GPTQSettings):
     fuse_norms: bool = True  # fold RMSNorm scales into the following linears first (float64)
     amp: str = AUTO  # block training under autocast: bf16 | fp16 | off; auto = bf16 on a GPU, off on a CPU
     cuda_graph: AutoBool = AUTO  # each training step replayed from a CUDA graph; auto = on a GPU when it can be
-    compile: AutoBool = AUTO  # the weights' clip + fake quant in training through torch.compile; auto = on a GPU
+    # the weights' clip + fake quant in training through torch.compile; auto = on a GPU. Off by default until
+    # its speed is measured on a GPU (same values on the CPU: tests/test_flatquant.py)
+    compile: AutoBool = False
     # layers trained at once, interleaved step by step, each on its own CUDA stream (the full-precision chain
     # makes them independent: the same model as 1); > 1 pays on a GPU when one layer's step leaves it idle,
     # and holds that many layers' calibration inputs and targets at once
