@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .models.token_types import TokenTypes
+from .tracking.results import read_rows
 
 
 @torch.no_grad()
@@ -244,7 +244,7 @@ def logged_energies(runs) -> pd.DataFrame:
     site of the layer). Columns: ``run_hash`` (when the rows have it), :data:`ENERGY_COLUMNS`;
     ``method`` is ``method.label`` where set, else ``method.name``. Runs without such columns give
     no rows."""
-    df = runs if isinstance(runs, pd.DataFrame) else pd.read_csv(Path(runs), low_memory=False)
+    df = runs if isinstance(runs, pd.DataFrame) else read_rows(runs)  # hashes stay text
     energy, err = [], []
     for col in df.columns:
         if m := _ENERGY_COL.match(col):

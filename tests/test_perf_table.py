@@ -11,10 +11,10 @@ from bench_kernels import append_rows  # noqa: E402
 from perf_table import main  # noqa: E402
 
 BASE = dict(timestamp="2026-12-07T17:00:00", device="NVIDIA H100 80GB HBM3", torch="2.11.0", triton="3.6.0",
-            transformers="5.17.0", commit="abc1234")
+            transformers="5.17.0", commit="5e11741")  # a hash that reads as a number (5 x 10^11741)
 
 
-def _rows(commit="abc1234"):
+def _rows(commit="5e11741"):
     cost = dict(BASE, commit=commit, bench="cost", model="llada_8b", method="freeact",
                 shape="128x2048, layers timed 4/32")
     return [dict(cost, metric="calib_wall_s_measured", value=200.0, note="streaming=True amp=bf16 epochs=15"),
@@ -32,7 +32,7 @@ def test_one_commit_renders_both_tables_with_their_provenance(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| llada_8b | freeact | bf16 | 4/32 | 0.081 |" in out and "| 25.0 min |" in out and "| 1.91x |" in out
     assert "| 4096=64x64 | 8192 |" in out and "| 42% |" in out
-    assert "commit abc1234" in out and "DRAFT" not in out and "NVIDIA H100 80GB HBM3" in out
+    assert "commit 5e11741" in out and "DRAFT" not in out and "NVIDIA H100 80GB HBM3" in out
 
 
 def test_rows_of_two_commits_or_a_dirty_tree_are_refused_unless_allowed(tmp_path, capsys):
@@ -42,4 +42,4 @@ def test_rows_of_two_commits_or_a_dirty_tree_are_refused_unless_allowed(tmp_path
         main([str(path)])
     main([str(path), "--allow-mixed"])
     out = capsys.readouterr().out
-    assert "commit abc1234, def5678+dirty (DRAFT: mixed or dirty commits)" in out
+    assert "commit 5e11741, def5678+dirty (DRAFT: mixed or dirty commits)" in out
