@@ -10,14 +10,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_cost_dry_run_writes_rows_and_the_eval_profile(tmp_path):
+def dry_run(tmp_path, *args: str) -> tuple[Path, Path]:
+    """bench_cost.py at tiny widths on the CPU (8 x 32 calibration tokens); returns (its CSV, its profile dir)."""
     out, prof = tmp_path / "perf.csv", tmp_path / "prof"
     p = subprocess.run([sys.executable, str(ROOT / "experiments/bench_cost.py"), "--device", "cpu", "--tiny",
-                        "--nsamples", "8", "--seqlen", "32", "--eval-tokens", "32", "--models", "llada_8b",
-                        "--methods", "flatquant", "--layers", "2", "--epochs", "1", "--profile-eval", "5",
+                        "--nsamples", "8", "--seqlen", "32", "--eval-tokens", "32", "--epochs", "1", *args,
                         "--profile-dir", str(prof), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+    return out, prof
+
+
+def test_bench_cost_dry_run_writes_rows_and_the_eval_profile(tmp_path):
+    out, prof = dry_run(tmp_path, "--models", "llada_8b", "--methods", "flatquant", "--layers", "2",
+                        "--profile-eval", "5")
     rows = pd.read_csv(out)
     got = dict(zip(rows["metric"], rows["value"]))
     for metric in ("calib_total_s", "calib_per_layer_s_measured", "eval_bf16_ms", "eval_overhead", "peak_gpu_gb"):
@@ -32,13 +38,8 @@ def test_bench_cost_dry_run_writes_rows_and_the_eval_profile(tmp_path):
 
 
 def test_profiled_calibration_writes_the_kernel_table_and_no_rows(tmp_path):
-    out, prof = tmp_path / "perf.csv", tmp_path / "prof"
-    p = subprocess.run([sys.executable, str(ROOT / "experiments/bench_cost.py"), "--device", "cpu", "--tiny",
-                        "--nsamples", "8", "--seqlen", "32", "--eval-tokens", "32", "--models", "dream_7b",
-                        "--methods", "freeact", "--layers", "1", "--epochs", "1", "--profile-calib", "5",
-                        "--profile-dir", str(prof), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    out, prof = dry_run(tmp_path, "--models", "dream_7b", "--methods", "freeact", "--layers", "1",
+                        "--profile-calib", "5")
     assert not out.exists()  # a profiled run is slower: its timings are not recorded
     text = (prof / "calib_profile_dream_7b_freeact.txt").read_text()
     assert "2 training steps" in text and "aten::" in text
