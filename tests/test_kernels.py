@@ -24,7 +24,7 @@ from freeact.models import get_adapter
 from freeact.models.token_types import TokenTypes
 from freeact.quant.act import InputQuantizer, attach_input_quantizer
 from freeact.quant.quantizer import QuantSpec
-from freeact.transforms.affine import AffineSite, random_orthogonal
+from freeact.transforms.affine import AffineSite, HeadwiseVO, random_orthogonal
 from freeact.transforms.hadamard import OnlineHadamard, fast_hadamard_transform, hadamard_matrix
 from freeact.transforms.typed import TypeMask, owner_from_ranks
 
@@ -248,6 +248,27 @@ def test_quarot_fuses_a_non_power_of_two_online_hadamard(tiny_model):
     assert all(isinstance(d.input_quantizer, FusedInputQuantizer) for d in downs)
     assert downs[0].input_quantizer.kron["P_l"].shape == (8, 8)
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_flatquant_fuses_every_linear_including_the_per_head_o_proj_transform(tiny_model):
+    """FlatQuant's o_proj input takes the per-head P_h (HeadwiseVO), P_h (x) I for the kernel: all seven linears
+    of a layer are fused (eager backend here), with the same logits as the unfused pipelines."""
+    model = tiny_model("llada")
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 500, (2, 24), generator=_gen(22))
+    ctx = QuantContext(model, adapter, QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16)), CalibSet(ids, ids),
+                       batch_size=2, progress=False)
+    get_method("flatquant", {"epochs": 1}).apply(ctx)
+    os_ = [b.linears()["o"] for b in adapter.blocks()]
+    assert isinstance(os_[0].input_quantizer.transform, HeadwiseVO)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        n = fuse_input_quantizers(model, backend="eager")
+        out = model(input_ids=ids).logits
+    assert n == 7 * len(adapter.layers())
+    heads = os_[0].input_quantizer.transform.num_heads
+    assert os_[0].input_quantizer.kron["P_l"].shape == (heads, heads)
+    assert torch.equal(out, ref)
 
 
 def test_hadamard_eager_is_fast_hadamard_transform():

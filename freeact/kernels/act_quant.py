@@ -496,13 +496,14 @@ def kron_spec(transform) -> dict | None:
 
     Recognised: a merged two-factor :class:`~freeact.transforms.affine.AffineSite` (FlatQuant; any
     per-channel ``1/s``), the same wrapped by :class:`~freeact.transforms.typed.TypeMask` (FreeAct;
-    the ``keep`` rows and the model's token types), and an
+    the ``keep`` rows and the model's token types), FlatQuant's merged per-head transform on ``o_proj``'s
+    input (:class:`~freeact.transforms.affine.HeadwiseVO`: ``P_h (x) I``, the identity as the right factor), and an
     :class:`~freeact.transforms.hadamard.OnlineHadamard` of any supported order (QuaRot; a power of two or
     ``2^k m`` with a Paley base: :func:`~freeact.transforms.hadamard.hadamard_kron_factors` as unnormalized
     +-1 factors, ``out_mul = 1/sqrt(n)``, the signs as ``in_scale``; not block-diagonal ones).
     Returns ``{P_l, P_r, in_scale, masks, token_types, out_mul, split_z}``.
     """
-    from ..transforms.affine import AffineSite
+    from ..transforms.affine import AffineSite, HeadwiseVO
     from ..transforms.hadamard import OnlineHadamard
     from ..transforms.typed import TypeMask
 
@@ -517,6 +518,12 @@ def kron_spec(transform) -> dict | None:
             return None
         return {"P_l": inner.act_0, "P_r": inner.act_1, "in_scale": inner.inv_scale, "masks": masks,
                 "token_types": token_types, "out_mul": 1.0, "split_z": False}
+    if isinstance(inner, HeadwiseVO) and masks is None:
+        if not (inner.merged and inner.has_heads):
+            return None
+        P_h = inner.heads_act
+        return {"P_l": P_h, "P_r": torch.eye(inner.head_dim, dtype=P_h.dtype, device=P_h.device), "in_scale": None,
+                "masks": None, "token_types": None, "out_mul": 1.0, "split_z": False}
     if isinstance(inner, OnlineHadamard) and masks is None:
         n = inner.n
         factors = hadamard_factors(n) if n >= 4 else None  # None for block-diagonal Hadamards: they stay eager
