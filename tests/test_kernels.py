@@ -14,7 +14,7 @@ import torch
 from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
-from freeact.kernels.act_quant import FusedInputQuantizer, kernel_tiling, kron_spec, triton_supports
+from freeact.kernels.act_quant import FusedInputQuantizer, fused_row_quant, kernel_tiling, kron_spec, triton_supports
 from freeact.kernels.hadamard import kernel_fits
 from freeact.transforms.hadamard import hadamard_kron_factors, sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
@@ -269,6 +269,43 @@ def test_flatquant_fuses_every_linear_including_the_per_head_o_proj_transform(ti
     heads = os_[0].input_quantizer.transform.num_heads
     assert os_[0].input_quantizer.kron["P_l"].shape == (heads, heads)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("method", ["rtn", "quarot"])
+def test_linears_without_a_transform_fuse_their_per_token_quantizer(tiny_model, method):
+    """RTN's and QuaRot's q/k/v, o and gate/up inputs have no online transform: fuse_input_quantizers gives them
+    the per-token quantizer kernel (eager backend here), shared where the pipeline was shared, same logits
+    (RTN: bit for bit)."""
+    model = tiny_model("llada", dtype=F64)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 500, (2, 24), generator=_gen(23))
+    ctx = QuantContext(model, adapter, QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16)), CalibSet(ids, ids),
+                       batch_size=2, progress=False)
+    get_method(method, {"weight_algo": "rtn"} if method == "quarot" else {}).apply(ctx)
+    lins = adapter.blocks()[0].linears()
+    assert lins["q"].input_quantizer.transform is None and lins["q"].input_quantizer is lins["k"].input_quantizer
+    plain = [l for b in adapter.blocks() for l in b.linears().values() if l.input_quantizer.transform is None]
+    assert len(plain) == (7 if method == "rtn" else 5) * len(adapter.layers())  # QuaRot: o and down transformed
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        fuse_input_quantizers(model, backend="eager")
+        out = model(input_ids=ids).logits
+    assert all(isinstance(l.input_quantizer, FusedInputQuantizer) for l in plain)
+    assert isinstance(lins["q"].input_quantizer, FusedInputQuantizer) and lins["q"].input_quantizer.kron is None
+    assert lins["q"].input_quantizer is lins["v"].input_quantizer  # still one pipeline for q/k/v
+    if method == "rtn":
+        assert torch.equal(out, ref)
+    else:  # QuaRot's down_proj Hadamard also moved to the Kronecker factors: float64 rounding apart
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_row_quant_rejects_bad_inputs_and_passes_16_bits_through():
+    x = torch.randn(3, 8)
+    assert fused_row_quant(x, bits=16) is x
+    with pytest.raises(ValueError, match="clip"):
+        fused_row_quant(x, clip=0.0)
+    with pytest.raises(TypeError):
+        fused_row_quant(torch.ones(3, 8, dtype=torch.int32))
 
 
 def test_hadamard_eager_is_fast_hadamard_transform():

@@ -1,7 +1,8 @@
 """The Triton kernels themselves, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``, float32),
 against the eager math they replace: the fused Kronecker transform + type mask + per-token quantization in
 its three modes, with one and several tokens per program (a token count that is no multiple of it), padded
-factors, a two-pass tile (column blocks chosen through ``tuning``), and the non-power-of-two Hadamard through the kernel. The interpreter must be
+factors, a two-pass tile (column blocks chosen through ``tuning``), the non-power-of-two Hadamard through the kernel,
+and the per-token quantizer without a transform. The interpreter must be
 chosen before Triton compiles anything, so each case runs in a fresh Python process. Skipped without Triton
 (``pip install triton``: part of the ``dev`` extra on Linux)."""
 import json
@@ -27,7 +28,15 @@ CHECK = textwrap.dedent("""
     case = json.loads(sys.argv[1])
     g = torch.Generator().manual_seed(case["seed"])
     out = {}
-    if case["kind"] == "hadamard":
+    if case["kind"] == "row":
+        x = torch.randn(case["T"], case["d"], generator=g)
+        x[:, 1] *= 20  # an outlier channel
+        x[-1] = 0  # an all-zero token
+        y = aq.fused_row_quant(x, bits=4, clip=0.9, backend="triton", block=case["block"])
+        ref = aq.row_quant_eager(x, bits=4, clip=0.9)
+        out["equal"] = bool(torch.equal(y, ref))
+        out["levels"] = int(torch.unique(ref[0]).numel())
+    elif case["kind"] == "hadamard":
         x = torch.randn(case["T"], case["n"], generator=g)
         y = hadamard_transform(x, backend="triton")
         ref = fast_hadamard_transform(x.double(), scale=True, backend="torch")
@@ -91,3 +100,11 @@ def test_act_kernel_matches_eager_under_the_interpreter(case):
 def test_non_power_of_two_hadamard_kernel_under_the_interpreter():
     r = _run(dict(kind="hadamard", n=160, T=5, seed=4))  # 160 = 8 x 20: a Sylvester and a Paley factor
     assert r["rel"] < 1e-6
+
+
+@pytest.mark.parametrize("block", [64, 16], ids=["one_block", "three_blocks"])
+def test_row_quant_kernel_equals_the_eager_fake_quant_under_the_interpreter(block):
+    """The per-token quantizer of linears without an online transform: float32, bit for bit eager's numbers,
+    one block per row or (block 16 < 40) two passes over three blocks; an all-zero token stays zero."""
+    r = _run(dict(kind="row", T=5, d=40, block=block, seed=5))
+    assert r["equal"] and r["levels"] > 5

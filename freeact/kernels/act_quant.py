@@ -58,7 +58,7 @@ except Exception:  # ImportError, or a broken install
     triton = None
     tl = None
 
-__all__ = ["fused_act_quant", "act_quant_eager", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
+__all__ = ["fused_act_quant", "act_quant_eager", "fused_row_quant", "row_quant_eager", "RowActQuant", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
            "prepare_operands", "FusedInputQuantizer", "tokens_per_program", "tuned_tiling",
            "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
 
@@ -315,6 +315,36 @@ if triton is not None:
                         _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _row_quant_kernel(x_ptr, o_ptr, d, stride_x, stride_o, qmax, clip, BLOCK: tl.constexpr, NB: tl.constexpr,
+                          HALF: tl.constexpr):
+        """Per-token symmetric fake quant of one row per program, with eager's rounding points (as MODE 1 of
+        :func:`_kron_act_kernel`, without a transform): one read and one write of the row when it fits one
+        block (``NB == 1``); wider rows read twice (the maximum, then the codes)."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        if NB == 1:
+            m = cols < d
+            y = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            s = _scale_of(tl.max(tl.abs(y), axis=0), clip, qmax, 1, HALF)
+            q = tl.minimum(tl.maximum(_rne(_round_to(tl.div_rn(y, s), HALF)), -qmax - 1.0), qmax)
+            tl.store(o_ptr + row * stride_o + cols, (q * s).to(o_ptr.dtype.element_ty), mask=m)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for b in range(NB):
+                c = b * BLOCK + cols
+                y = tl.load(x_ptr + row * stride_x + c, mask=c < d, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(y))
+            s = _scale_of(tl.max(amax, axis=0), clip, qmax, 1, HALF)
+            for b in range(NB):
+                c = b * BLOCK + cols
+                y = tl.load(x_ptr + row * stride_x + c, mask=c < d, other=0.0).to(tl.float32)
+                q = tl.minimum(tl.maximum(_rne(_round_to(tl.div_rn(y, s), HALF)), -qmax - 1.0), qmax)
+                tl.store(o_ptr + row * stride_o + c, (q * s).to(o_ptr.dtype.element_ty), mask=c < d)
+
+
 _HALF_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -490,6 +520,56 @@ class KronActQuant:
                        self.split_z, self.tiling)
 
 
+ROW_BLOCK = 8192  # the widest row one block holds; wider rows take two passes
+
+
+def row_quant_eager(x: Tensor, bits: int = 4, clip: float = 1.0) -> Tensor:
+    """The reference: the model's per-token symmetric fake quant (:func:`~freeact.quant.quantizer.fake_quant`)."""
+    if bits >= 16:
+        return x
+    return fake_quant(x, QuantSpec(bits=int(bits), symmetric=True, granularity="row"), clip=clip)
+
+
+def fused_row_quant(x: Tensor, bits: int = 4, clip: float = 1.0, backend: str = "auto",
+                    block: int = ROW_BLOCK) -> Tensor:
+    """Per-token symmetric fake quant of ``x`` (``(..., d)``) in one kernel: :func:`row_quant_eager`'s numbers
+    (the input quantizer of a linear without an online transform: RTN, GPTQ, QuaRot's q/k/v, o and gate/up,
+    SmoothQuant) in one read and one write of ``x`` instead of eager's passes. ``bits >= 16``: ``x`` itself.
+    ``backend`` as in :func:`fused_act_quant`; ``block``: the widest row held at once (a power of two; wider
+    rows take two passes)."""
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if not 2 <= int(bits) <= 32:
+        raise ValueError(f"bits must be in 2..16 (16+ = no quantization), got {bits}")
+    if not float(clip) > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    if bits >= 16:
+        return x
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if _pick_backend(backend, x, needs_grad) == "eager":
+        return row_quant_eager(x, bits, clip)
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty_like(x2)
+    if x2.shape[0] > 0:
+        block = min(_next_pow2(d), _next_pow2(block))
+        _row_quant_kernel[(x2.shape[0],)](x2, out, d, x2.stride(0), out.stride(0), float(2 ** (bits - 1) - 1),
+                                          float(clip), BLOCK=block, NB=triton.cdiv(d, block),
+                                          HALF=_HALF_CODE[x.dtype], num_warps=4 if block <= 2048 else 8)
+    return out.reshape(x.shape)
+
+
+class RowActQuant:
+    """:func:`fused_row_quant` behind :class:`KronActQuant`'s call signature (the token types are unused), for
+    :class:`FusedInputQuantizer` on a linear whose input has no online transform."""
+
+    def __call__(self, x: Tensor, types: Tensor | None = None, bits: int = 4, clip: float = 1.0,
+                 backend: str = "auto") -> Tensor:
+        return fused_row_quant(x, bits, clip, backend)
+
+
 # ----------------------------------------------------------------------------- model integration
 def kron_spec(transform) -> dict | None:
     """What the kernel needs from an online transform module, or None when it cannot run it.
@@ -549,7 +629,8 @@ def hadamard_factors(n: int) -> tuple[Tensor, Tensor] | None:
 
 class FusedInputQuantizer(InputQuantizer):
     """An :class:`~freeact.quant.act.InputQuantizer` whose Kronecker transform, type mask and per-token
-    fake quantization run as one kernel (:func:`fused_act_quant`). Built from an installed one with the
+    fake quantization run as one kernel (:func:`fused_act_quant`; without an online transform, the per-token
+    quantization alone: :func:`fused_row_quant`). Built from an installed one with the
     same spec, transform (kept as a submodule, unused in forward) and learned clip; ``set_act_quant``
     still switches its quantization. Inference only (the kernel has no backward). Linears that shared the
     original pipeline (q/k/v, gate/up) share the fused one, and its output as :class:`InputQuantizer`
@@ -560,15 +641,16 @@ class FusedInputQuantizer(InputQuantizer):
         spec = iq.spec
         if spec.enabled and not (spec.symmetric and spec.granularity == "row"):
             raise ValueError(f"the fused kernel quantizes per token, symmetric; got {spec}")
-        ks = kron_spec(iq.transform)
-        if ks is None:
+        ks = kron_spec(iq.transform) if iq.transform is not None else None
+        if ks is None and iq.transform is not None:
             raise ValueError(f"no fused kernel for the transform {type(iq.transform).__name__}")
         super().__init__(spec, iq.transform, learnable_clip=False)
         self.clip_logit = iq.clip_logit
         self.quantize = iq.quantize
         self.backend = backend
-        self.kron = ks
-        self.op = KronActQuant(ks["P_l"], ks["P_r"], ks["in_scale"], ks["masks"], ks["out_mul"], ks["split_z"])
+        self.kron = ks  # None: no online transform, the per-token quantizer alone (RowActQuant)
+        self.op = (KronActQuant(ks["P_l"], ks["P_r"], ks["in_scale"], ks["masks"], ks["out_mul"], ks["split_z"])
+                   if ks is not None else RowActQuant())
         self._clip = None  # (clip_logit._version, float): read once, not at every call (a host sync)
 
     def _clip_value(self) -> float:
@@ -583,7 +665,7 @@ class FusedInputQuantizer(InputQuantizer):
     def _settings(self) -> tuple:
         """(token types, bits, clip) of this call."""
         k = self.kron
-        types = k["token_types"].get() if k["masks"] is not None else None
+        types = k["token_types"].get() if (k is not None and k["masks"] is not None) else None
         return types, (self.spec.bits if (self.quantize and self.spec.enabled) else 16), self._clip_value()
 
     def state_key(self) -> tuple:
@@ -595,18 +677,21 @@ class FusedInputQuantizer(InputQuantizer):
 
 
 def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
-    """Swap every installed input pipeline that the kernel can run for a :class:`FusedInputQuantizer`
-    (linears that shared one pipeline share the fused one); returns how many linears were switched
-    (the others stay as they are)."""
+    """Swap every installed input pipeline that the kernels can run for a :class:`FusedInputQuantizer` (a
+    Kronecker / Hadamard / per-head transform with per-token quantization, or the per-token quantization alone;
+    linears that shared one pipeline share the fused one); returns how many linears were switched (the others
+    stay as they are)."""
     todo = []
     for lin in list(model.modules()):
         iq = getattr(lin, "_modules", {}).get("input_quantizer")
-        if not isinstance(iq, InputQuantizer) or isinstance(iq, FusedInputQuantizer) or iq.transform is None:
+        if not isinstance(iq, InputQuantizer) or isinstance(iq, FusedInputQuantizer):
             continue
         spec = iq.spec
         if spec.enabled and not (spec.symmetric and spec.granularity == "row"):
             continue
-        if kron_spec(iq.transform) is None:
+        if iq.transform is None and not (spec.enabled and iq.quantize):
+            continue  # nothing to run
+        if iq.transform is not None and kron_spec(iq.transform) is None:
             continue
         todo.append((lin, iq))
     fused: dict[int, FusedInputQuantizer] = {}  # one fused pipeline per shared original (q/k/v, gate/up)
