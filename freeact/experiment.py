@@ -6,6 +6,7 @@ import os
 import resource
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,6 +71,19 @@ def calib_set(cfg: DictConfig, tok, adapter, processor=None):
                            text_field=cfg.calib.get("text_field") or "text")
 
 
+@contextmanager
+def fused_for_eval(model, kernels: str):
+    """``eval.kernels``: the quantized model's input pipelines through the fused kernels while it is evaluated
+    (yields how many linears; None for eager), the original ones back afterwards."""
+    if kernels == "eager":
+        yield None
+        return
+    from .kernels import input_quantizers_fused
+
+    with input_quantizers_fused(model, backend=kernels) as n:
+        yield n
+
+
 def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, object]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -95,13 +109,16 @@ def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, o
     else:
         info = {}
     t_quant = time.time() - t_calib
+    kernels = cfg.eval.get("kernels", "eager")
+    with fused_for_eval(model, kernels if method.quantizes else "eager") as n_fused:
+        if n_fused is not None:
+            info["fused_input_quantizers"] = n_fused
+        if is_multimodal(cfg.eval):
+            from .eval.multimodal import evaluate_multimodal
 
-    if is_multimodal(cfg.eval):
-        from .eval.multimodal import evaluate_multimodal
-
-        metrics = evaluate_multimodal(model, processor, cfg.eval, device=device, progress=cfg.progress)
-    else:
-        metrics = evaluate(model, adapter, tok, cfg.eval, device=device, progress=cfg.progress)
+            metrics = evaluate_multimodal(model, processor, cfg.eval, device=device, progress=cfg.progress)
+        else:
+            metrics = evaluate(model, adapter, tok, cfg.eval, device=device, progress=cfg.progress)
     row = {
         "run_hash": run_hash,
         "status": "ok",

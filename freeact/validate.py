@@ -26,6 +26,9 @@ SOURCES = ("tiny", "pretrained")
 DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
+EVAL_KERNELS = ("eager", "auto", "triton")
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -262,6 +265,14 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     expected = eval_schema.kind  # each eval schema's own kind
     _check(cfg.eval.kind == expected, f"eval.kind={cfg.eval.kind} does not fit eval={cfg.eval.name}, a {expected} "
            "evaluation (image-text benchmarks: eval=mm_*)")
+    kernels = cfg.eval.get("kernels", "eager")
+    _check(kernels in EVAL_KERNELS, f"eval.kernels={kernels!r} must be one of {EVAL_KERNELS}")
+    if kernels == "triton":
+        need = f"eval.kernels=triton needs Triton and a CUDA device (device={cfg.device}); use auto or eager"
+        _check(not cfg.device.startswith("cpu") or os.environ.get("TRITON_INTERPRET") == "1", need)
+        from .kernels import triton_available
+
+        _check(triton_available(), need)
     if issubclass(eval_schema, TextEvalConfig):  # perplexity / ELBO, lm-eval tasks
         _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
         _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")

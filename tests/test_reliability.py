@@ -45,6 +45,8 @@ def run_cli(args, cwd, code=None, timeout=300):
     ("++method.epochs=15", "method.epochs is not a setting of rtn"),
     ("method=freeact method.amp=fp8", "method.amp='fp8' must be one of"),
     ("method=flatquant method.cuda_graph=true device=cpu", "method.cuda_graph=true needs a CUDA device"),
+    ("eval.kernels=fast", "eval.kernels='fast' must be one of ('eager', 'auto', 'triton')"),
+    ("eval.kernels=triton device=cpu", "eval.kernels=triton needs Triton and a CUDA device (device=cpu)"),
     ("eval=text +eval.tasks=[freeact_mc]", "eval.tasks is not a setting of a text evaluation; eval=harness has it"),
     ("model=llada_8b", "model.path=GSAI-ML/LLaDA-8B-Instruct is not in the Hugging Face cache"),
 ])
@@ -189,3 +191,25 @@ def test_save_model_on_an_existing_row_computes_again_and_reloads_to_the_same_me
     model, tok, cfg = freeact.load_quantized(tmp_path / "b")
     metrics = evaluate(model, get_adapter(model), tok, cfg.eval, device="cpu", progress=False)
     assert metrics["wiki.nll"] == pytest.approx(rows["wiki.nll"].iloc[0], rel=1e-9)
+
+
+def test_eval_through_the_fused_pipelines_gives_the_eager_metrics_and_saves_the_plain_model(tmp_path):
+    """eval.kernels=auto on a CPU: the input pipelines are swapped for the fused ones (eager math here) while
+    the model is evaluated (the row counts them), the metrics are eager's, and the saved model, which holds
+    the original pipelines again, reloads to the same metrics."""
+    base = ["method=flatquant", *FAST, f"results_file={tmp_path}/r.csv"]
+    for run, extra in (("eager", []), ("fused", ["eval.kernels=auto", "save_model=true"])):
+        res, _ = run_cli([*base, *extra, f"hydra.run.dir={tmp_path}/{run}"], tmp_path)
+        assert res.returncode == 0, res.stderr
+    rows = read_rows(tmp_path / "r.csv").set_index("eval.kernels")
+    assert rows.loc["auto", "info.fused_input_quantizers"] == 7  # the one layer's seven linears
+    assert rows.loc["auto", "wiki.nll"] == rows.loc["eager", "wiki.nll"]
+    import freeact
+    from freeact.eval import evaluate
+    from freeact.kernels import FusedInputQuantizer
+    from freeact.models import get_adapter
+
+    model, tok, cfg = freeact.load_quantized(tmp_path / "fused")
+    assert not any(isinstance(m, FusedInputQuantizer) for m in model.modules())
+    metrics = evaluate(model, get_adapter(model), tok, cfg.eval, device="cpu", progress=False)
+    assert metrics["wiki.nll"] == pytest.approx(rows.loc["auto", "wiki.nll"], rel=1e-9)

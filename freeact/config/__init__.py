@@ -73,6 +73,10 @@ class EvalConfig:
     source: str = "wiki.test"
     batch_size: int = 8
     seed: int = 1234
+    # the quantized model's input pipelines: eager (torch ops) | auto (the fused Triton kernels on a GPU, eager
+    # elsewhere) | triton (the kernels; a GPU or TRITON_INTERPRET=1). The kernels give eager's numbers up to a
+    # rare one-level rounding flip of a transformed input (freeact/kernels/act_quant.py)
+    kernels: str = "eager"
 
 
 @dataclass

@@ -40,6 +40,7 @@ Hadamard transform and the benchmarks use). The token-type tensor is read in pla
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -60,7 +61,7 @@ except Exception:  # ImportError, or a broken install
 
 __all__ = ["fused_act_quant", "act_quant_eager", "fused_row_quant", "row_quant_eager", "RowActQuant", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
            "prepare_operands", "FusedInputQuantizer", "tokens_per_program", "tuned_tiling",
-           "fuse_input_quantizers", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
+           "fuse_input_quantizers", "input_quantizers_fused", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
 
 BACKENDS = ("auto", "triton", "eager")
 MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
@@ -700,3 +701,17 @@ def fuse_input_quantizers(model: torch.nn.Module, backend: str = "auto") -> int:
             fused[id(iq)] = FusedInputQuantizer(iq, backend)
         attach_input_quantizer(lin, fused[id(iq)])
     return len(todo)
+
+
+@contextlib.contextmanager
+def input_quantizers_fused(model: torch.nn.Module, backend: str = "auto"):
+    """:func:`fuse_input_quantizers` for the duration of a ``with`` block (yields how many linears were
+    switched); the original pipelines are back afterwards, so a model saved later holds those."""
+    originals = [(lin, lin._modules["input_quantizer"]) for lin in model.modules()
+                 if isinstance(getattr(lin, "_modules", {}).get("input_quantizer"), InputQuantizer)]
+    n = fuse_input_quantizers(model, backend)
+    try:
+        yield n
+    finally:
+        for lin, iq in originals:
+            attach_input_quantizer(lin, iq)
