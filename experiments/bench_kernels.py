@@ -4,9 +4,10 @@
    quant, with the per-channel ``1/s``) against the same math in eager torch (the model's pipeline), for
    d = 4096 (64x64, LLaDA hidden), 3584 (56x64, Dream / Qwen2.5 hidden), 12288 (96x128, LLaDA FFN),
    14336 (112x128, LLaMA-3 FFN), 18944 (128x148, Dream FFN) and 2048-8192 tokens: median time of one call
-   and of the kernel alone (replayed from a CUDA graph: the default launch and each alternative of tokens
-   per program, warps and, for two-pass tiles, column blocks), speed-up, and the kernel's achieved
-   bandwidth (one bf16 read + one bf16 write per element) as a share of the assumed peak.
+   and of the kernel alone (replayed from a CUDA graph: the default, the other path (the fused kernel, or two
+   GEMMs + the row-quant kernel: ``tuned_tiling``'s ``path``), and each alternative of the fused kernel's
+   tokens per program, warps and, for two-pass tiles, column blocks), speed-up, and the achieved bandwidth
+   (one bf16 read + one bf16 write per element) as a share of the assumed peak.
 2. ``fwht``: the Triton Walsh-Hadamard transform against ``fast_hadamard_transform`` (torch).
 3. ``w8a8``: a prefill linear ``(tokens x K) @ (K x N)``: bf16 ``F.linear`` against W8A8 with the
    Kronecker transform fused into the activation quantizer (+ the int8 GEMM with its rescale
@@ -39,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from freeact.kernels import KronActQuant, act_quant_eager, fused_act_quant, hadamard_transform  # noqa: E402
-from freeact.kernels.act_quant import kernel_tiling, tokens_per_program  # noqa: E402
+from freeact.kernels.act_quant import kernel_tiling, tokens_per_program, tuned_tiling  # noqa: E402
 from freeact.kernels.int8 import int8_matmul, quantize_rows_int8  # noqa: E402
 from freeact.transforms.affine import most_square_factors, random_orthogonal  # noqa: E402
 from freeact.transforms.hadamard import fast_hadamard_transform  # noqa: E402
@@ -181,10 +182,16 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             # the kernel alone (replayed from a graph, as a captured forward runs it): the default launch, then
             # each tokens-per-program choice, warps, and (two-pass tiles) column blocks
             tile = kernel_tiling(d_l, d_r)
-            choices = [("default", None)] + [(f"tpp{t}", {"tokens_per_prog": t}) for t in (1, 2, 4, 8)]
-            choices += [(f"warps{w}", {"num_warps": w}) for w in (4, 8, 16) if w != tile["num_warps"]]
+            default_path = tuned_tiling(d_l, d_r)["path"]
+            other = "kernel" if default_path == "gemm" else "gemm"
+            # the fused kernel's launch choices, and the path the default does not take
+            choices = [("default", None), (f"path_{other}", {"path": other})]
+            choices += [(f"tpp{t}", {"tokens_per_prog": t, "path": "kernel"}) for t in (1, 2, 4, 8)]
+            choices += [(f"warps{w}", {"num_warps": w, "path": "kernel"}) for w in (4, 8, 16)
+                        if w != tile["num_warps"]]
             if tile["passes"] == 2:
-                choices += [(f"BN{b}", {"BN": b}) for b in (32, 64, 128) if b != tile["BN"] and b < tile["DR"]]
+                choices += [(f"BN{b}", {"BN": b, "path": "kernel"}) for b in (32, 64, 128)
+                            if b != tile["BN"] and b < tile["DR"]]
             per_choice = {}
             for name, tuning in choices:
                 try:
@@ -206,8 +213,8 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             rows += [dict(common, metric="kernel_ms", value=round(k_ms, 4), unit="ms",
                           note="KronActQuant (prepared), one eager call: kernel + Python + launch"),
                      dict(common, metric="kernel_graph_ms", value=round(g_ms, 4), unit="ms",
-                          note=f"the kernel replayed from a CUDA graph, {tpp_default} "
-                               "tokens per program (the default)"),
+                          note=f"replayed from a CUDA graph, the default: path {default_path}"
+                               + (f", {tpp_default} tokens per program" if default_path == "kernel" else "")),
                      *[dict(common, metric=f"kernel_graph_ms_{name}", value=round(v, 4), unit="ms")
                        for name, v in per_choice.items() if name != "default"],
                      dict(common, metric="api_call_ms", value=round(api_ms, 4), unit="ms",

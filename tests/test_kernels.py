@@ -14,7 +14,8 @@ import torch
 from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
-from freeact.kernels.act_quant import FusedInputQuantizer, fused_row_quant, kernel_tiling, kron_spec, triton_supports
+from freeact.kernels.act_quant import (FusedInputQuantizer, fused_row_quant, kernel_tiling, kron_spec, triton_supports,
+                                      tuned_tiling)
 from freeact.kernels.hadamard import kernel_fits
 from freeact.transforms.hadamard import hadamard_kron_factors, sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
@@ -297,6 +298,15 @@ def test_linears_without_a_transform_fuse_their_per_token_quantizer(tiny_model, 
         assert torch.equal(out, ref)
     else:  # QuaRot's down_proj Hadamard also moved to the Kronecker factors: float64 rounding apart
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_two_pass_tiles_take_the_gemm_path_by_default():
+    """d = 18944 as 128 x 148 (a two-pass tile, measured no faster than eager) goes through two GEMMs and the
+    row-quant kernel; single-pass tiles keep the fused kernel; either can be asked for."""
+    assert tuned_tiling(128, 148)["path"] == "gemm" and tuned_tiling(64, 64)["path"] == "kernel"
+    assert tuned_tiling(64, 64, {"path": "gemm"})["path"] == "gemm"
+    with pytest.raises(ValueError, match="path must be kernel or gemm"):
+        tuned_tiling(64, 64, {"path": "cublas"})
 
 
 def test_row_quant_rejects_bad_inputs_and_passes_16_bits_through():

@@ -61,6 +61,8 @@ CHECK = textwrap.dedent("""
         flips = (q - q_ref).abs() / step
         out["fake_max_steps"] = float(flips.max())
         out["fake_differ"] = float((flips > 1e-3).float().mean())
+        op_g = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning=dict(tuning, path="gemm"))
+        out["gemm_equal"] = bool(torch.equal(op_g(x, types, bits=4, clip=0.9, backend="triton"), q_ref))
         codes, scales = op.int8(x, types, clip=0.9, bits=4, backend="triton")
         codes_ref, scales_ref = aq.act_quant_int8_eager(x, P_l, P_r, masks, types, 0.9, s, 1.0, 4)
         out["codes_max_diff"] = int((codes.int() - codes_ref.int()).abs().max())
@@ -93,6 +95,7 @@ def test_act_kernel_matches_eager_under_the_interpreter(case):
     assert r["transform_rel"] < 1e-5
     # per-token fake quant and int codes: the same up to a rare one-level flip (summation order)
     assert r["fake_max_steps"] <= 1.0 + 1e-4 and r["fake_differ"] < 0.01
+    assert r["gemm_equal"]  # the two-GEMM path (eager's transform, the row-quant kernel): eager bit for bit
     assert r["codes_max_diff"] <= 1 and r["codes_differ"] < 0.01
     assert r["scales_rel"] < 1e-5
 

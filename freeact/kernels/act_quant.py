@@ -363,13 +363,23 @@ def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dty
 def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
     """:func:`kernel_tiling` with launch choices overridden (what the benchmarks sweep): ``BN`` (a power of two
     from 16 to the padded ``d_r``; one pass when it is all of it), ``num_warps`` (1-16, a power of two) and
-    ``tokens_per_prog`` (>= 1; None: :func:`tokens_per_program` decides per call)."""
+    ``tokens_per_prog`` (>= 1; None: :func:`tokens_per_program` decides per call), and ``path`` for fake quant:
+    ``kernel`` (the fused kernel) or ``gemm`` (the transform as two cuBLAS products, eager's very ops, then the
+    one-pass per-token quantizer :func:`fused_row_quant`: eager's numbers bit for bit). Default: ``gemm`` for
+    the two-pass tiles, where the fused kernel was measured no faster than eager (d = 18944 as 128 x 148:
+    README, Performance), ``kernel`` otherwise."""
     tiling = dict(kernel_tiling(d_l, d_r), tokens_per_prog=None)
-    unknown = set(tuning or {}) - {"BN", "num_warps", "tokens_per_prog"}
+    tiling["path"] = "gemm" if tiling["passes"] == 2 else "kernel"
+    unknown = set(tuning or {}) - {"BN", "num_warps", "tokens_per_prog", "path"}
     if unknown:
-        raise ValueError(f"unknown kernel tuning keys {sorted(unknown)}: BN, num_warps, tokens_per_prog")
+        raise ValueError(f"unknown kernel tuning keys {sorted(unknown)}: BN, num_warps, tokens_per_prog, path")
     for key, value in (tuning or {}).items():
         if value is None:
+            continue
+        if key == "path":
+            if value not in ("kernel", "gemm"):
+                raise ValueError(f"path must be kernel or gemm, got {value!r}")
+            tiling["path"] = value
             continue
         value = int(value)
         if key == "BN" and not (16 <= value <= tiling["DR"] and value & (value - 1) == 0):
@@ -505,9 +515,18 @@ class KronActQuant:
         d = _check_inputs(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale)
         if _pick_backend(backend, x, torch.is_grad_enabled() and x.requires_grad, *self._dims) == "eager":
             return act_quant_eager(x, self.P_l, self.P_r, self.masks, types, bits, clip, self.in_scale, self.out_mul)
+        if self.tiling["path"] == "gemm":
+            return self._gemm_path(x.reshape(-1, d), types, bits, clip).reshape(x.shape)
         y = _launch(x.reshape(-1, d), self._prepared(x), types, 1 if bits < 16 else 0, int(bits), clip,
                     self.out_mul, self.split_z, self.tiling)
         return y.reshape(x.shape)
+
+    def _gemm_path(self, x2: Tensor, types, bits: int, clip: float) -> Tensor:
+        """Eager's transform (the prepared operands are eager's ``.to(dtype)`` copies) through cuBLAS, then the
+        one-pass quantizer kernel: :func:`act_quant_eager`'s numbers."""
+        ops = self._prepared(x2)
+        y = _transform_eager(x2, ops["plt"].t(), ops["pr"], ops["mk"], types, ops["sv"], self.out_mul)
+        return fused_row_quant(y, bits, clip, backend="triton")
 
     def int8(self, x: Tensor, types: Tensor | None = None, clip: float = 1.0, backend: str = "auto",
              bits: int = 8) -> tuple[Tensor, Tensor]:
