@@ -294,9 +294,12 @@ def test_linears_without_a_transform_fuse_their_per_token_quantizer(tiny_model, 
     assert all(isinstance(l.input_quantizer, FusedInputQuantizer) for l in plain)
     assert isinstance(lins["q"].input_quantizer, FusedInputQuantizer) and lins["q"].input_quantizer.kron is None
     assert lins["q"].input_quantizer is lins["v"].input_quantizer  # still one pipeline for q/k/v
+    if method == "quarot":  # and the Hadamard across heads on o_proj's input: H_heads (x) I
+        o = lins["o"].input_quantizer
+        assert isinstance(o, FusedInputQuantizer) and o.kron["P_l"].shape == (4, 4) and o.kron["split_z"]
     if method == "rtn":
         assert torch.equal(out, ref)
-    else:  # QuaRot's down_proj Hadamard also moved to the Kronecker factors: float64 rounding apart
+    else:  # QuaRot's Hadamards (o_proj across heads, down_proj) moved to Kronecker factors: float64 rounding apart
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 

@@ -597,14 +597,17 @@ def kron_spec(transform) -> dict | None:
     Recognised: a merged two-factor :class:`~freeact.transforms.affine.AffineSite` (FlatQuant; any
     per-channel ``1/s``), the same wrapped by :class:`~freeact.transforms.typed.TypeMask` (FreeAct;
     the ``keep`` rows and the model's token types), FlatQuant's merged per-head transform on ``o_proj``'s
-    input (:class:`~freeact.transforms.affine.HeadwiseVO`: ``P_h (x) I``, the identity as the right factor), and an
+    input (:class:`~freeact.transforms.affine.HeadwiseVO`: ``P_h (x) I``, the identity as the right factor),
+    QuaRot's Hadamard across heads on ``o_proj``'s input (:class:`~freeact.transforms.rotation.HeadMixHadamard`:
+    ``H_heads (x) I``, +-1 with ``out_mul = 1/sqrt(heads)``, the head signs as ``in_scale``), and an
     :class:`~freeact.transforms.hadamard.OnlineHadamard` of any supported order (QuaRot; a power of two or
     ``2^k m`` with a Paley base: :func:`~freeact.transforms.hadamard.hadamard_kron_factors` as unnormalized
     +-1 factors, ``out_mul = 1/sqrt(n)``, the signs as ``in_scale``; not block-diagonal ones).
     Returns ``{P_l, P_r, in_scale, masks, token_types, out_mul, split_z}``.
     """
     from ..transforms.affine import AffineSite, HeadwiseVO
-    from ..transforms.hadamard import OnlineHadamard
+    from ..transforms.hadamard import OnlineHadamard, block_hadamard_matrix
+    from ..transforms.rotation import HeadMixHadamard
     from ..transforms.typed import TypeMask
 
     masks = token_types = None
@@ -624,6 +627,14 @@ def kron_spec(transform) -> dict | None:
         P_h = inner.heads_act
         return {"P_l": P_h, "P_r": torch.eye(inner.head_dim, dtype=P_h.dtype, device=P_h.device), "in_scale": None,
                 "masks": None, "token_types": None, "out_mul": 1.0, "split_z": False}
+    if isinstance(inner, HeadMixHadamard) and masks is None:
+        n, mix = inner.n_heads, inner.mix
+        if mix.block_size != n:
+            return None
+        H = (block_hadamard_matrix(n).T * math.sqrt(n)).round()  # the +-1 matrix the kernel applies exactly
+        signs = None if mix.signs is None else mix.signs.to(torch.float64).repeat_interleave(inner.head_dim)
+        return {"P_l": H, "P_r": torch.eye(inner.head_dim, dtype=torch.float64), "in_scale": signs, "masks": None,
+                "token_types": None, "out_mul": 1.0 / math.sqrt(n), "split_z": True}
     if isinstance(inner, OnlineHadamard) and masks is None:
         n = inner.n
         factors = hadamard_factors(n) if n >= 4 else None  # None for block-diagonal Hadamards: they stay eager
