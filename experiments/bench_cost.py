@@ -396,8 +396,8 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
     common = dict(base, bench="cost", model=model_name, method=method, tokens=args.nsamples * args.seqlen,
                   shape=f"{args.nsamples}x{args.seqlen}, layers timed {k}/{L}")
-    note = (f"streaming={streaming} {args.tf32_state} amp={cfg.get('amp', '-')} compile={cfg.get('compile', 'method default')} "
-            f"epochs={cfg.get('epochs', '-')} batch=4")
+    note = (f"streaming={streaming} {args.tf32_state} amp={cfg.get('amp', '-')} "
+            f"compile={cfg.get('compile', 'method default')} epochs={cfg.get('epochs', '-')} batch=4")
     rows = [dict(common, metric="calib_wall_s_measured", value=round(wall, 2), unit="s", note=note),
             dict(common, metric="calib_prefix_s", value=round(tl.prefix(), 2), unit="s",
                  note="before the first layer: capture, fusions, rotations"),

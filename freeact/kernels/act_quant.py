@@ -59,9 +59,10 @@ except Exception:  # ImportError, or a broken install
     triton = None
     tl = None
 
-__all__ = ["fused_act_quant", "act_quant_eager", "fused_row_quant", "row_quant_eager", "RowActQuant", "act_quant_int8", "act_quant_int8_eager", "KronActQuant",
-           "prepare_operands", "FusedInputQuantizer", "tokens_per_program", "tuned_tiling",
-           "fuse_input_quantizers", "input_quantizers_fused", "kron_spec", "triton_available", "kernel_tiling", "hadamard_factors"]
+__all__ = ["fused_act_quant", "act_quant_eager", "fused_row_quant", "row_quant_eager", "RowActQuant",
+           "act_quant_int8", "act_quant_int8_eager", "KronActQuant", "prepare_operands", "FusedInputQuantizer",
+           "tokens_per_program", "tuned_tiling", "fuse_input_quantizers", "input_quantizers_fused", "kron_spec",
+           "triton_available", "kernel_tiling", "hadamard_factors"]
 
 BACKENDS = ("auto", "triton", "eager")
 MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
@@ -553,7 +554,7 @@ def row_quant_eager(x: Tensor, bits: int = 4, clip: float = 1.0) -> Tensor:
 def fused_row_quant(x: Tensor, bits: int = 4, clip: float = 1.0, backend: str = "auto",
                     block: int = ROW_BLOCK) -> Tensor:
     """Per-token symmetric fake quant of ``x`` (``(..., d)``) in one kernel: :func:`row_quant_eager`'s numbers
-    (the input quantizer of a linear without an online transform: RTN, GPTQ, QuaRot's q/k/v, o and gate/up,
+    (the input quantizer of a linear without an online transform: RTN, GPTQ, QuaRot's q/k/v and gate/up,
     SmoothQuant) in one read and one write of ``x`` instead of eager's passes. ``bits >= 16``: ``x`` itself.
     ``backend`` as in :func:`fused_act_quant`; ``block``: the widest row held at once (a power of two; wider
     rows take two passes)."""
