@@ -157,9 +157,8 @@ def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off", comp
     if method in LEARNED:
         cfg["epochs"] = epochs
         cfg["amp"] = amp
-        cfg["compile"] = {"auto": "auto", "on": True, "off": False, "default": None}[compile_]
-        if cfg["compile"] is None:
-            del cfg["compile"]
+        if compile_ != "default":  # else the method's own default
+            cfg["compile"] = {"auto": "auto", "on": True, "off": False}[compile_]
     if method == "freeact" and MODELS[model_name]["family"] == "causal_qwen2":
         cfg["token_types"] = [{"name": "image", "ids": [IMAGE_TOKEN]}, "text"]
     return cfg

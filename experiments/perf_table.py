@@ -15,6 +15,7 @@ import argparse
 import sys
 
 import pandas as pd
+from make_tables import commits as row_commits, not_reproducible
 
 COST_COLUMNS = [  # (metric, header, format)
     ("layers", "layers timed", "{}"),
@@ -33,9 +34,10 @@ KERNEL_METRICS = [("kernel_graph_ms", "kernel ms (graph replay)", "{:.3f}"), ("k
 
 
 def provenance(df: pd.DataFrame, allow_mixed: bool) -> str:
-    """One line naming the device, versions and commit(s); refuses mixed or dirty commits unless allowed."""
-    commits = sorted(df["commit"].fillna("unknown").astype(str).unique()) if "commit" in df else ["unknown"]
-    bad = len(commits) > 1 or any(c.endswith("+dirty") or c == "unknown" for c in commits)
+    """One line naming the device, versions and commit(s); refuses mixed or dirty commits unless allowed
+    (what counts as dirty or unknown: make_tables.py's rule for result rows)."""
+    commits = sorted(row_commits(df.rename(columns={"commit": "git_commit"})).unique())
+    bad = len(commits) > 1 or any(not_reproducible(c) for c in commits)
     if bad and not allow_mixed:
         raise SystemExit(f"rows from commits {commits}: one clean commit is needed (--allow-mixed for a draft)")
     parts = []

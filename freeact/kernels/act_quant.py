@@ -118,9 +118,18 @@ def _pick_backend(backend: str, x: Tensor, needs_grad: bool, d_l: int = 1, d_r: 
     return "triton" if (ok and not needs_grad and fits) else "eager"
 
 
-def _check_inputs(x: Tensor, P_l: Tensor, P_r: Tensor, masks, types, bits: int, clip: float, in_scale) -> int:
+def _check_quant_args(x: Tensor, bits: int, clip: float) -> None:
+    """What every entry point takes: a floating-point input, 2..16 bits (16+: none), a positive clip."""
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
+    if not 2 <= int(bits) <= 32:
+        raise ValueError(f"bits must be in 2..16 (16+ = no quantization), got {bits}")
+    if not float(clip) > 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+
+
+def _check_inputs(x: Tensor, P_l: Tensor, P_r: Tensor, masks, types, bits: int, clip: float, in_scale) -> int:
+    _check_quant_args(x, bits, clip)
     d = x.shape[-1]
     for name, P in (("P_l", P_l), ("P_r", P_r)):
         if P.dim() != 2 or P.shape[0] != P.shape[1]:
@@ -136,10 +145,6 @@ def _check_inputs(x: Tensor, P_l: Tensor, P_r: Tensor, masks, types, bits: int, 
             raise ValueError(f"{types.numel()} token types for {x.numel() // d} tokens")
     if in_scale is not None and in_scale.numel() != d:
         raise ValueError(f"in_scale must have {d} entries, got {in_scale.numel()}")
-    if not 2 <= int(bits) <= 32:
-        raise ValueError(f"bits must be in 2..16 (16+ = no quantization), got {bits}")
-    if not float(clip) > 0:
-        raise ValueError(f"clip must be positive, got {clip}")
     return d
 
 
@@ -558,12 +563,7 @@ def fused_row_quant(x: Tensor, bits: int = 4, clip: float = 1.0, backend: str = 
     SmoothQuant) in one read and one write of ``x`` instead of eager's passes. ``bits >= 16``: ``x`` itself.
     ``backend`` as in :func:`fused_act_quant`; ``block``: the widest row held at once (a power of two; wider
     rows take two passes)."""
-    if not x.is_floating_point():
-        raise TypeError(f"x must be floating point, got {x.dtype}")
-    if not 2 <= int(bits) <= 32:
-        raise ValueError(f"bits must be in 2..16 (16+ = no quantization), got {bits}")
-    if not float(clip) > 0:
-        raise ValueError(f"clip must be positive, got {clip}")
+    _check_quant_args(x, bits, clip)
     if bits >= 16:
         return x
     needs_grad = torch.is_grad_enabled() and x.requires_grad
