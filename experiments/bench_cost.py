@@ -230,7 +230,36 @@ def profile_forward(model, ids: torch.Tensor, device: str, top: int) -> str:
         tables.append("by device time\n" + ev.table(sort_by="self_cuda_time_total", row_limit=top,
                                                       max_name_column_width=70))
     tables.append("by host time\n" + ev.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70))
+    tables.append(python_profile(model, ids, device, top))
     return head + "\n" + "\n".join(tables)
+
+
+@torch.no_grad()
+def python_profile(model, ids: torch.Tensor, device: str, top: int) -> str:
+    """The ``top`` Python functions of one forward by their own time (``cProfile``), and the forward's host
+    time against its wall time: the host time that the operator profile does not see (a Triton launch is
+    Python until its driver call), where a forward that leaves the GPU idle spends it."""
+    import cProfile
+    import io
+    import pstats
+
+    _sync(device)
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    host = time.perf_counter() - t0
+    _sync(device)
+    wall = time.perf_counter() - t0
+    pr = cProfile.Profile()
+    pr.enable()
+    model(input_ids=ids, use_cache=False)
+    pr.disable()
+    _sync(device)
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    body = buf.getvalue().split("\n")
+    start = next((i for i, line in enumerate(body) if line.lstrip().startswith("ncalls")), 0)
+    return (f"Python, by own time (cProfile); one forward: host {1e3 * host:.3f} ms until it returns, "
+            f"{1e3 * wall:.3f} ms until the device is done\n" + "\n".join(body[start:]).rstrip())
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ def test_bench_cost_dry_run_writes_rows_and_the_eval_profile(tmp_path):
     text = (prof / "eval_profile_llada_8b_flatquant.txt").read_text()
     assert "## llada_8b bf16 forward" in text and "## llada_8b flatquant fake-quant forward" in text
     assert "aten::" in text  # the operator table
+    assert "Python, by own time (cProfile)" in text and "ncalls" in text  # the host time the operators miss
 
 
 def test_profiled_calibration_writes_the_kernel_table_and_no_rows(tmp_path):
