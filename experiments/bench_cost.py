@@ -167,11 +167,26 @@ def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off", comp
 # ----------------------------------------------------------------------------- forward timing
 class ForwardProbe:
     """Stamps (CUDA events; wall clock on CPU) around every decoder layer: ``(total_ms, layers_ms)``
-    of one forward, medians over ``repeats`` after two warm-up forwards."""
+    of one forward, medians over ``repeats`` after two warm-up forwards. ``last`` says of the timed forwards
+    what a host-bound forward shows: the host's own time until ``model(...)`` returns (median), and how many
+    garbage collections and device allocations / frees ran meanwhile (a device allocation can make the host
+    wait for the GPU)."""
 
     def __init__(self, adapter, device: str):
         self.layers = list(adapter.layers())
         self.cuda = device.startswith("cuda")
+        self.last: dict = {}
+
+    def _alloc_counts(self) -> tuple[int, int]:
+        if not self.cuda:
+            return 0, 0
+        st = torch.cuda.memory_stats()
+        return st.get("num_device_alloc", 0), st.get("num_device_free", 0)
+
+    def diagnosis(self) -> str:
+        d = self.last
+        return (f"host {d['host_ms']:.3f} ms until return; {d['gc']} gc runs, {d['allocs']} device allocs, "
+                f"{d['frees']} frees in {d['repeats']} timed forwards") if d else ""
 
     def _stamp(self):
         if not self.cuda:
@@ -192,16 +207,22 @@ class ForwardProbe:
         try:
             for _ in range(2):
                 model(input_ids=ids, use_cache=False)
-            totals, layer_sums = [], []
+            totals, layer_sums, hosts = [], [], []
+            gc0, (al0, fr0) = sum(g["collections"] for g in gc.get_stats()), self._alloc_counts()
             for _ in range(repeats):
                 stamps.clear()
                 a = self._stamp()
+                h0 = time.perf_counter()
                 model(input_ids=ids, use_cache=False)
+                hosts.append(1e3 * (time.perf_counter() - h0))
                 b = self._stamp()
                 if self.cuda:
                     torch.cuda.synchronize()
                 totals.append(self._ms(a, b))
                 layer_sums.append(sum(self._ms(stamps[i], stamps[i + 1]) for i in range(0, len(stamps) - 1, 2)))
+            al1, fr1 = self._alloc_counts()
+            self.last = dict(host_ms=statistics.median(hosts), repeats=repeats, allocs=al1 - al0, frees=fr1 - fr0,
+                             gc=sum(g["collections"] for g in gc.get_stats()) - gc0)
         finally:
             for h in hs:
                 h.remove()
@@ -366,6 +387,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     eval_ids = calib.input_ids[:1, : args.eval_tokens].to(dev)
     probe = ForwardProbe(adapter, dev)
     t_b, l_b = probe.time(model, eval_ids)
+    diag_b = probe.diagnosis()
     profiles = [f"## {model_name} bf16 forward, 1x{eval_ids.shape[1]} tokens, {k} layer(s)\n"
                 + profile_forward(model, eval_ids, dev, args.profile_eval)] if args.profile_eval else []
     lbytes = layer_bytes(adapter)
@@ -395,9 +417,11 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     if streaming:
         model.to(dev)
     t_q, l_q = probe.time(model, eval_ids)
+    diag_q, diag_f = probe.diagnosis(), ""
     try:
         n_fused = fuse_input_quantizers(model)
         t_f, l_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"))
+        diag_f = probe.diagnosis() if n_fused else ""
         if args.profile_eval:
             profiles.append(f"## {model_name} {method} fake-quant forward ({n_fused} fused input quantizers)\n"
                             + profile_forward(model, eval_ids, dev, args.profile_eval))
@@ -441,13 +465,14 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
                  + (f"; + cache for {args.target_nsamples} sequences" if extra_cache > 0 else "")),
             dict(common, metric="model_build_s", value=round(t_build, 2), unit="s"),
             dict(common, metric="eval_bf16_ms", value=round(t_b, 3), unit="ms",
-                 note=f"1x{eval_ids.shape[1]} tokens; layers {l_b:.3f} ms"),
-            dict(common, metric="eval_fakequant_ms", value=round(t_q, 3), unit="ms", note=f"layers {l_q:.3f} ms"),
+                 note=f"1x{eval_ids.shape[1]} tokens; layers {l_b:.3f} ms; {diag_b}"),
+            dict(common, metric="eval_fakequant_ms", value=round(t_q, 3), unit="ms",
+                 note=f"layers {l_q:.3f} ms; {diag_q}"),
             dict(common, metric="eval_overhead_layer", value=round(l_q / l_b, 3), unit="x", note="eager"),
             dict(common, metric="eval_overhead", value=round(ratio_x, 3), unit="x", note=f"eager; {label}")]
     if n_fused:
         rows += [dict(common, metric="eval_fused_ms", value=round(t_f, 3), unit="ms",
-                      note=f"{n_fused} fused input quantizers; layers {l_f:.3f} ms"),
+                      note=f"{n_fused} fused input quantizers; layers {l_f:.3f} ms; {diag_f}"),
                  dict(common, metric="eval_overhead_fused", value=round(ratio_fx, 3), unit="x",
                       note=f"fused kernel; {label}")]
     summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
