@@ -475,6 +475,14 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
                       note=f"{n_fused} fused input quantizers; layers {l_f:.3f} ms; {diag_f}"),
                  dict(common, metric="eval_overhead_fused", value=round(ratio_fx, 3), unit="x",
                       note=f"fused kernel; {label}")]
+    # control: a fresh bf16 model timed now, in this process's state after the calibration: a forward slower
+    # here than before the calibration is the process's doing (host, allocator), not the quantized modules'
+    ref = build_model(model_name, k, dev, tiny=args.tiny)
+    ref_probe = ForwardProbe(get_adapter(ref), dev)
+    t_b2, l_b2 = ref_probe.time(ref, eval_ids)
+    rows.append(dict(common, metric="eval_bf16_after_ms", value=round(t_b2, 3), unit="ms",
+                     note=f"a fresh bf16 model after the calibration; layers {l_b2:.3f} ms; {ref_probe.diagnosis()}"))
+    del ref, ref_probe
     summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
                    total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
                    layer_ratio=l_q / l_b, info_keys=len(info), profiled=prof is not None)
