@@ -26,6 +26,7 @@ COST_COLUMNS = [  # (metric, header, format)
     ("peak_gpu_gb", "peak GPU GiB", "{:.1f}"),
     ("eval_overhead", "eval vs bf16, eager", "{:.2f}x"),
     ("eval_overhead_fused", "eval vs bf16, fused kernel", "{:.2f}x"),
+    ("eval_overhead_graph", "eval vs bf16, both from CUDA graphs", "{:.2f}x"),
 ]
 KERNEL_METRICS = [("kernel_graph_ms", "kernel ms (graph replay)", "{:.3f}"), ("kernel_ms", "one call ms", "{:.3f}"),
                   ("eager_ms", "eager ms", "{:.3f}"),

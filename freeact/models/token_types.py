@@ -40,13 +40,21 @@ class TokenTypes:
         return len(self.names)
 
     def compute(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The type of every token. Tensor ops only, with the rules' ids kept on the input's device: no host
+        synchronisation and no copy from the host per forward (so a forward can be captured in a CUDA graph)."""
         types = torch.full_like(input_ids, self.default)
         assigned = torch.zeros_like(input_ids, dtype=torch.bool)
-        for idx, ids in self.rules:
-            hit = torch.isin(input_ids, ids.to(input_ids.device)) & ~assigned
-            types[hit] = idx
+        for idx, ids in self._rules_on(input_ids.device):
+            hit = torch.isin(input_ids, ids) & ~assigned
+            types = torch.where(hit, idx, types)
             assigned |= hit
         return types
+
+    def _rules_on(self, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+        cache = self.__dict__.setdefault("_rules_by_device", {})
+        if device not in cache:
+            cache[device] = [(i, ids.to(device)) for i, ids in self.rules]
+        return cache[device]
 
     def get(self) -> torch.Tensor:
         if self.current is None:
