@@ -352,10 +352,11 @@ def calib_profiler(top: int, cuda: bool):
 
 
 def phase_summary(prof) -> str:
-    """Host and device milliseconds of the block trainer's named phases (full-precision pass, steps, merge)."""
+    """Host and device milliseconds of the block trainer's named phases (cast, full-precision pass, build,
+    steps, merge) and of the streamer's layer transfers."""
     lines = ["phase | calls | host ms | device ms"]
     for e in prof.key_averages():
-        if e.key.startswith("block_training."):
+        if e.key.startswith(("block_training.", "streaming.")):
             dev = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
             lines.append(f"{e.key} | {e.count} | {e.cpu_time_total / 1e3:.1f} | {dev / 1e3:.1f}")
     return "\n".join(lines)

@@ -48,6 +48,8 @@ def test_profiled_calibration_writes_the_kernel_table_and_no_rows(tmp_path):
     text = (prof / "calib_profile_dream_7b_freeact.txt").read_text()
     assert "2 training steps" in text and "aten::" in text
     assert "block_training.step | 2 |" in text and "block_training.full_precision_pass | 1 |" in text
+    assert "block_training.cast | 2 |" in text and "block_training.build | 1 |" in text  # to float32 and back
+    assert "streaming.page_in |" in text  # the streamer's layer transfers
 
 
 def test_rows_go_only_to_a_file_with_the_same_columns(tmp_path):

@@ -500,7 +500,8 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
             p.requires_grad_(False)
         with record_function("block_training.merge"):
             plan.merge()
-        job.layer.to(job.orig)
+        with record_function("block_training.cast"):
+            job.layer.to(job.orig)
         losses[i] = res
         for k, v in getattr(plan, "info", {}).items():
             info[f"layer{i}.{k}"] = v
@@ -513,12 +514,14 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
     try:
         for i, block in enumerate(adapter.blocks()):
             layer = block.layer
-            orig, hidden, kw = float_layer(layer, hidden, kwargs)
+            with record_function("block_training.cast"):
+                orig, hidden, kw = float_layer(layer, hidden, kwargs)
             with record_function("block_training.full_precision_pass"):
                 targets, stats = full_precision_pass(block, hidden, kw, types, token_types, num_types, want_cov,
                                                      want_qk_cov, valid)
-            plan = build(i, block, stats)
-            plan.install()
+            with record_function("block_training.build"):
+                plan = build(i, block, stats)
+                plan.install()
             job = _LayerJob(i, layer, plan, orig)
             if train:
                 flight.add(job, layer_steps(layer, plan, hidden, kw, types, targets, cfg, i, token_types, num_types,
