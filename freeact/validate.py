@@ -276,6 +276,8 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     if issubclass(eval_schema, TextEvalConfig):  # perplexity / ELBO, lm-eval tasks
         _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
         _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
+        _check(not cfg.eval.get("cuda_graph", False) or cfg.device.startswith("cuda"),
+               f"eval.cuda_graph=true replays CUDA graphs: it needs device=cuda (device={cfg.device})")
     if cfg.eval.get("tasks"):
         from .eval.harness import check_task_settings
 

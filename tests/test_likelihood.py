@@ -183,3 +183,28 @@ def test_harness_configs_run_end_to_end(tmp_path, model, overrides):
     assert res.returncode == 0, res.stderr[-3000:]
     row = read_rows(tmp_path / "r.csv").iloc[-1]
     assert 0.0 <= row["freeact_mc.acc"] <= 1.0 and row["freeact_mc.n"] == 2
+
+
+# -- full-batch logits from another callable (eval.cuda_graph) -----------------------------------
+@pytest.mark.parametrize("name", ["llada", "dream"])
+def test_elbo_with_a_forward_callable_matches_the_restricted_head(name, request, tokenizer):
+    """``forward`` (what GraphedForward serves on a GPU) gives full-batch logits, aligned by the adapter and
+    indexed at the masks: the same scores as the restricted head, shifted logits (Dream) included; the
+    callable is used for every batch (equal-length chunks: no padding)."""
+    from freeact.eval.elbo import elbo
+
+    model = request.getfixturevalue(name)
+    adapter = get_adapter(model)
+    ids = tokenizer("The river runs to the sea, and the sea is never full.", return_tensors="pt").input_ids[0]
+    calls = []
+
+    def forward(x):
+        calls.append(tuple(x.shape))
+        with torch.no_grad():
+            return model(input_ids=x, use_cache=False).logits
+
+    want = elbo(model, adapter, ids, seqlen=6, mc_num=3, seed=5, batch_size=2, progress=False)
+    got = elbo(model, adapter, ids, seqlen=6, mc_num=3, seed=5, batch_size=2, progress=False, forward=forward)
+    assert calls and set(calls) <= {(2, 6), (1, 6)}
+    assert got["eval_tokens"] == want["eval_tokens"]
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-12)

@@ -87,6 +87,9 @@ class TextEvalConfig(EvalConfig):
     max_chunks: Optional[int] = 16
     mc_num: int = 16  # dLLM Monte-Carlo draws per sequence
     text_field: str = "text"  # dataset sources: the column holding the text
+    # on a GPU: replay the forwards from CUDA graphs, one per batch shape (freeact/eval/cuda_graphs.py); the
+    # host's launch cost goes, the numbers stay (full logits where the head would be restricted to the masks)
+    cuda_graph: bool = False
 
 
 @dataclass

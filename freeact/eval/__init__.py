@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data.text import read_text, token_stream
+from .cuda_graphs import GraphedForward
 from .elbo import elbo
 from .perplexity import perplexity
 
@@ -13,13 +14,21 @@ def text_field(data_cfg) -> str:
 
 
 def evaluate_text(model, adapter, tokenizer, ecfg, device="cpu", progress=True) -> dict:
+    """Perplexity (AR) or the Monte-Carlo ELBO (dLLM). ``eval.cuda_graph`` (on a GPU): the forwards are
+    replayed from CUDA graphs, one per batch shape (:class:`~freeact.eval.cuda_graphs.GraphedForward`)."""
     ids = token_stream(tokenizer, read_text(ecfg.source, text_field=text_field(ecfg)))
-    if adapter.objective == "mdm":
-        res = elbo(model, adapter, ids, ecfg.seqlen, mc_num=ecfg.mc_num, seed=ecfg.seed,
-                   batch_size=ecfg.batch_size, max_chunks=ecfg.max_chunks, device=device, progress=progress)
-    else:
-        res = perplexity(model, ids, ecfg.seqlen, batch_size=ecfg.batch_size, max_chunks=ecfg.max_chunks,
-                         device=device, progress=progress)
+    graphed = GraphedForward(model) if getattr(ecfg, "cuda_graph", False) and str(device).startswith("cuda") else None
+    try:
+        if adapter.objective == "mdm":
+            res = elbo(model, adapter, ids, ecfg.seqlen, mc_num=ecfg.mc_num, seed=ecfg.seed,
+                       batch_size=ecfg.batch_size, max_chunks=ecfg.max_chunks, device=device, progress=progress,
+                       forward=graphed)
+        else:
+            res = perplexity(model, ids, ecfg.seqlen, batch_size=ecfg.batch_size, max_chunks=ecfg.max_chunks,
+                             device=device, progress=progress, forward=graphed)
+    finally:
+        if graphed is not None:
+            graphed.release()
     return {f"{ecfg.name}.{k}": v for k, v in res.items()}
 
 

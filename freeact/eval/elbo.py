@@ -81,12 +81,18 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def _masked_logits(model, adapter, xin: torch.Tensor, m: torch.Tensor, kw: dict, restrict: bool) -> torch.Tensor:
+def _masked_logits(model, adapter, xin: torch.Tensor, m: torch.Tensor, kw: dict, restrict: bool,
+                   forward=None) -> torch.Tensor:
     """Logits scoring the tokens at the True positions of ``m`` (row-major order), aligned as
     :meth:`ModelAdapter.logits` aligns them. With ``restrict`` the LM head runs only at the
     positions needed (transformers' boolean ``logits_to_keep``): for a shifted-logits model
     (Dream) position ``i`` is scored by the output at ``max(i - 1, 0)``, as ``adapter.logits``
-    does; this saves the head's compute and the (batch, length, vocab) logits tensor."""
+    does; this saves the head's compute and the (batch, length, vocab) logits tensor.
+    ``forward``: a callable ``input_ids -> logits`` of the whole batch (a
+    :class:`~freeact.eval.cuda_graphs.GraphedForward`), used for batches without padding instead of
+    the restricted head (its shape would change with every mask)."""
+    if forward is not None and not kw:
+        return adapter.align_logits(forward(xin))[m]
     if not (restrict and accepts_logits_to_keep(model)):
         return adapter.logits(model(input_ids=xin, use_cache=False, **kw))[m]
     b, width = m.shape
@@ -105,7 +111,7 @@ def _masked_logits(model, adapter, xin: torch.Tensor, m: torch.Tensor, kw: dict,
 @torch.no_grad()
 def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, ...]], batch_size: int = 32,
                      device: str = "cpu", progress: bool = False, restrict_logits: bool = True,
-                     cfg: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                     cfg: float = 0.0, forward=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Score masked positions: for every row ``(ids (L,), mask (L,) bool)`` the positions in
     ``mask`` are replaced by the mask token and the model predicts them from the rest.
 
@@ -119,6 +125,7 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, ...]], b
     the (L,) bool prompt positions; the row is scored a second time with those positions masked
     too (same masked answer positions) and the logits combined ``un + (cfg + 1) (cond - un)``
     before the cross-entropy. ``cfg = 0`` runs one forward per batch, exactly as before.
+    ``forward``: see :func:`_masked_logits` (full logits from, e.g., CUDA-graph replays).
     """
     if cfg < 0:
         raise ValueError(f"cfg={cfg} must be >= 0")
@@ -145,13 +152,13 @@ def masked_token_nll(model, adapter, rows: Sequence[tuple[torch.Tensor, ...]], b
             kw["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lens)[:, None]).long().to(device)
         x, m = x.to(device), m.to(device)
         xin = torch.where(m, torch.full_like(x, mask_id), x)
-        logits = _masked_logits(model, adapter, xin, m, kw, restrict_logits).float()
+        logits = _masked_logits(model, adapter, xin, m, kw, restrict_logits, forward).float()
         if cfg:  # classifier-free guidance: also score with the prompt masked, same answer masks
             u = torch.zeros_like(m)
             for r, i in enumerate(idx):
                 u[r, : lens[r]] = rows[i][2]
             xun = torch.where(m | u.to(device), torch.full_like(x, mask_id), x)
-            un = _masked_logits(model, adapter, xun, m, kw, restrict_logits).float()
+            un = _masked_logits(model, adapter, xun, m, kw, restrict_logits, forward).float()
             logits = un + (cfg + 1.0) * (logits - un)
         ce = F.cross_entropy(logits, x[m], reduction="none").cpu()
         hit = (logits.argmax(-1) == x[m]).cpu()
@@ -166,7 +173,7 @@ def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequenc
                   generator: torch.Generator | Sequence[torch.Generator], batch_size: int = 32, device: str = "cpu",
                   check_greedy: bool = False, progress: bool = False, restrict_logits: bool = True,
                   estimator: str = "llada", cfg: float = 0.0, prompts: Sequence[torch.Tensor] | None = None,
-                  sampling_eps: float = 1e-3) -> tuple[list[float], list[bool] | None]:
+                  sampling_eps: float = 1e-3, forward=None) -> tuple[list[float], list[bool] | None]:
     """Monte-Carlo ELBO estimates of ``-log p(ids[target] | ids[~target])`` for many sequences.
 
     ``generator`` is one generator consumed sequence by sequence, or one per sequence (then each
@@ -214,7 +221,8 @@ def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequenc
     n_draw_rows = len(rows)
     if check_greedy:
         rows += [(ids, target, prompt) for ids, target, prompt in zip(seqs, targets, prompts)]
-    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress, restrict_logits, cfg=cfg)
+    scored = masked_token_nll(model, adapter, rows, batch_size, device, progress, restrict_logits, cfg=cfg,
+                              forward=forward)
     nlls = [sum(scored[r][0].sum().item() / pj for r, pj in mine if r is not None) / mc_num for mine in draws_of]
     greedy = None
     if check_greedy:
@@ -224,18 +232,20 @@ def sequences_nll(model, adapter, seqs: Sequence[torch.Tensor], targets: Sequenc
 
 @torch.no_grad()
 def sequence_nll(model, adapter, ids: torch.Tensor, target: torch.Tensor, mc_num: int, generator: torch.Generator,
-                 batch_size: int = 32, device: str = "cpu") -> float:
+                 batch_size: int = 32, device: str = "cpu", forward=None) -> float:
     """Monte-Carlo estimate of ``-log p(ids[target] | ids[~target])`` for one sequence."""
-    return sequences_nll(model, adapter, [ids], [target], mc_num, generator, batch_size, device)[0][0]
+    return sequences_nll(model, adapter, [ids], [target], mc_num, generator, batch_size, device,
+                         forward=forward)[0][0]
 
 
 @torch.no_grad()
 def elbo(model, adapter, ids: torch.Tensor, seqlen: int, mc_num: int = 8, seed: int = 0, batch_size: int = 32,
          max_chunks: int | None = None, device: str = "cpu", progress: bool = True,
-         bos_id: int | None = None) -> dict:
+         bos_id: int | None = None, forward=None) -> dict:
     """Per-token NLL bound of the text ``ids`` cut into ``seqlen`` chunks, and its perplexity bound.
     With ``bos_id`` every chunk is that token followed by ``seqlen - 1`` text tokens; the first
-    position is never masked or scored (a model trained with a start token at position 0)."""
+    position is never masked or scored (a model trained with a start token at position 0).
+    ``forward``: full-batch logits from another callable (:class:`~freeact.eval.cuda_graphs.GraphedForward`)."""
     data = chunks(ids, seqlen - (bos_id is not None), max_chunks)
     target = torch.ones(seqlen, dtype=torch.bool)
     if bos_id is not None:
@@ -244,7 +254,7 @@ def elbo(model, adapter, ids: torch.Tensor, seqlen: int, mc_num: int = 8, seed: 
     g = torch.Generator().manual_seed(seed)
     nll = 0.0
     for x in tqdm(data, desc="elbo", disable=not progress, leave=False):
-        nll += sequence_nll(model, adapter, x, target, mc_num, g, batch_size, device)
+        nll += sequence_nll(model, adapter, x, target, mc_num, g, batch_size, device, forward=forward)
     n = int(target.sum()) * len(data)
     per_tok = nll / n
     return {"nll": per_tok, "ppl": math.exp(per_tok), "eval_tokens": n}

@@ -122,7 +122,10 @@ class ModelAdapter:
 
     def logits(self, model_out) -> "torch.Tensor":  # noqa: F821
         """Logits aligned so that position i scores token i (mdm) or token i+1 (ar)."""
-        logits = model_out.logits
+        return self.align_logits(model_out.logits)
+
+    def align_logits(self, logits: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+        """:meth:`logits` for a ``(batch, length, vocab)`` logits tensor itself."""
         if self.shift_logits:
             import torch
 
