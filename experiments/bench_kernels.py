@@ -6,7 +6,8 @@
    14336 (112x128, LLaMA-3 FFN), 18944 (128x148, Dream FFN) and 2048-8192 tokens: median time of one call
    and of the kernel alone (replayed from a CUDA graph: the default, the other path (the fused kernel, or two
    GEMMs + the row-quant kernel: ``tuned_tiling``'s ``path``), and each alternative of the fused kernel's
-   tokens per program, warps and, for two-pass tiles, column blocks), speed-up, and the achieved bandwidth
+   tokens per program, warps and, for two-pass tiles, column blocks; for tiles up to 64 x 64 the ``batched``
+   path, blocks of 2-8 tokens per program), speed-up, and the achieved bandwidth
    (one bf16 read + one bf16 write per element) as a share of the assumed peak.
 2. ``fwht``: the Triton Walsh-Hadamard transform against ``fast_hadamard_transform`` (torch).
 3. ``w8a8``: a prefill linear ``(tokens x K) @ (K x N)``: bf16 ``F.linear`` against W8A8 with the
@@ -40,7 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from freeact.kernels import KronActQuant, act_quant_eager, fused_act_quant, hadamard_transform  # noqa: E402
-from freeact.kernels.act_quant import kernel_tiling, tokens_per_program, tuned_tiling  # noqa: E402
+from freeact.kernels.act_quant import MAX_BATCHED_TILE, kernel_tiling, tokens_per_program, tuned_tiling  # noqa: E402
 from freeact.kernels.int8 import int8_matmul, quantize_rows_int8  # noqa: E402
 from freeact.transforms.affine import most_square_factors, random_orthogonal  # noqa: E402
 from freeact.transforms.hadamard import fast_hadamard_transform  # noqa: E402
@@ -192,6 +193,9 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             if tile["passes"] == 2:
                 choices += [(f"BN{b}", {"BN": b, "path": "kernel"}) for b in (32, 64, 128)
                             if b != tile["BN"] and b < tile["DR"]]
+            if tile["DL"] * tile["DR"] <= MAX_BATCHED_TILE:  # the block-of-tokens variant of the kernel
+                choices += [(f"batched{t}w{w}", {"path": "batched", "tokens_per_prog": t, "num_warps": w})
+                            for t in (2, 4, 8) for w in (4, 8)]
             per_choice = {}
             for name, tuning in choices:
                 try:

@@ -308,8 +308,13 @@ def test_two_pass_tiles_take_the_gemm_path_by_default():
     row-quant kernel; single-pass tiles keep the fused kernel; either can be asked for."""
     assert tuned_tiling(128, 148)["path"] == "gemm" and tuned_tiling(64, 64)["path"] == "kernel"
     assert tuned_tiling(64, 64, {"path": "gemm"})["path"] == "gemm"
-    with pytest.raises(ValueError, match="path must be kernel or gemm"):
+    with pytest.raises(ValueError, match="path must be one of kernel, batched, gemm"):
         tuned_tiling(64, 64, {"path": "cublas"})
+    assert tuned_tiling(56, 64, {"path": "batched", "tokens_per_prog": 8})["path"] == "batched"
+    with pytest.raises(ValueError, match="path batched takes padded tiles up to 4096"):
+        tuned_tiling(96, 128, {"path": "batched"})
+    with pytest.raises(ValueError, match="power of two tokens per program"):
+        tuned_tiling(64, 64, {"path": "batched", "tokens_per_prog": 3})
 
 
 def test_row_quant_rejects_bad_inputs_and_passes_16_bits_through():

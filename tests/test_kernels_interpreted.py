@@ -68,6 +68,16 @@ CHECK = textwrap.dedent("""
         out["codes_max_diff"] = int((codes.int() - codes_ref.int()).abs().max())
         out["codes_differ"] = float((codes != codes_ref).float().mean())
         out["scales_rel"] = float(((scales - scales_ref).abs() / scales_ref).max())
+        if case.get("BN") is None:  # single-pass tiles: the batched path, every mode
+            op_b = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks,
+                                   tuning={"path": "batched", "tokens_per_prog": case["tpp"]})
+            yb = op_b(x, types, bits=16, backend="triton")
+            out["batched_transform_rel"] = float((yb - y_ref).norm() / y_ref.norm())
+            qb = op_b(x, types, bits=4, clip=0.9, backend="triton")
+            out["batched_fake_max_steps"] = float(((qb - q_ref).abs() / step).max())
+            cb, sb = op_b.int8(x, types, clip=0.9, bits=4, backend="triton")
+            out["batched_codes_vs_kernel"] = int((cb.int() - codes.int()).abs().max())
+            out["batched_scales_rel"] = float(((sb - scales).abs() / scales).max())
         out["untouched"] = bool(torch.isfinite(q).all() and torch.isfinite(y).all())
     print("RESULT " + json.dumps(out))
 """)
@@ -98,6 +108,9 @@ def test_act_kernel_matches_eager_under_the_interpreter(case):
     assert r["gemm_equal"]  # the two-GEMM path (eager's transform, the row-quant kernel): eager bit for bit
     assert r["codes_max_diff"] <= 1 and r["codes_differ"] < 0.01
     assert r["scales_rel"] < 1e-5
+    if case.get("BN") is None:  # the batched path: the same math, tokens in blocks of tpp
+        assert r["batched_transform_rel"] < 1e-5 and r["batched_fake_max_steps"] <= 1.0 + 1e-4
+        assert r["batched_codes_vs_kernel"] <= 1 and r["batched_scales_rel"] < 1e-5
 
 
 def test_non_power_of_two_hadamard_kernel_under_the_interpreter():

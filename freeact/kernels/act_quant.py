@@ -33,6 +33,11 @@ tiny and stay in L2; HBM traffic is one read of ``x`` and one write of the outpu
 Rounding to nearest even uses the ``1.5 * 2^23`` trick (exact for ``|v| < 2^22``; ``|y / s|`` is
 at most ``2^(b-1) / clip``). float32 inputs use IEEE float32 dots (no TF32).
 
+**Blocks of tokens** (``tuning={"path": "batched"}``, padded tiles up to 64 x 64, not the default until a GPU
+says it is faster): the same math for ``TB`` tokens at once, ``P_l^T X`` as one batched dot over the
+``(TB, DL, DR)`` block and ``Z P_r`` as one ``(TB * DL) x DR`` dot, so each program has a whole block of loads
+in flight and larger dots than the token-by-token loop.
+
 **Calling it.** :func:`fused_act_quant` converts the small operands (``P_l^T``, ``P_r``, scale, masks)
 to the input dtype at every call; :class:`KronActQuant` keeps them converted, so repeated calls launch
 the kernel alone (what :class:`FusedInputQuantizer`, :class:`~freeact.kernels.int8.Int8Linear`, the
@@ -67,6 +72,9 @@ __all__ = ["fused_act_quant", "act_quant_eager", "fused_row_quant", "row_quant_e
 BACKENDS = ("auto", "triton", "eager")
 MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
 MAX_TILE = 32768  # the largest padded tile run (two passes): FlatQuant's 128 x 148 at d = 18944, bf16, H200
+MAX_BATCHED_TILE = 4096  # path "batched": padded tiles up to 64 x 64 (d = 4096, 3584), TB of them in registers
+BATCHED_TOKENS = 4  # path "batched": tokens per program unless tuning's tokens_per_prog says otherwise
+PATHS = ("kernel", "batched", "gemm")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -322,6 +330,67 @@ if triton is not None:
                         _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
 
 
+    @triton.jit
+    def _kron_act_batched_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
+                                 n_tokens, d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
+                                 DL: tl.constexpr, DR: tl.constexpr, TB: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                 HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+                                 SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
+        """:func:`_kron_act_kernel`'s math (single-pass tiles) for ``TB`` tokens at once: one load of the
+        ``(TB, DL, DR)`` block, ``Z = P_l^T X`` as a batched dot, ``Y = Z P_r`` as one ``(TB * DL, DR)``
+        dot, per-token maxima over the block, one store. More bytes in flight per program and
+        larger dots than the token-by-token loop (``tuning={"path": "batched"}``; timed by
+        ``experiments/bench_kernels.py``)."""
+        d = d_l * d_r
+        tok = tl.program_id(0).to(tl.int64) * TB + tl.arange(0, TB)
+        il = tl.arange(0, DL)
+        ir = tl.arange(0, DR)
+        lmask = il < d_l
+        rmask = ir < d_r
+        tmask = tok < n_tokens
+        flat = il[:, None] * d_r + ir[None, :]
+        xmask2 = lmask[:, None] & rmask[None, :]
+        m3 = tmask[:, None, None] & xmask2[None, :, :]
+        x = tl.load(x_ptr + tok[:, None, None] * stride_x + flat[None, :, :], mask=m3, other=0.0)
+        if HAS_SCALE:
+            sv = tl.load(s_ptr + flat, mask=xmask2, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * sv[None, :, :]).to(x_ptr.dtype.element_ty)
+        plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
+        plt3 = tl.broadcast_to(plt[None, :, :], (TB, DL, DL))
+        kr = tl.arange(0, DR)
+        pr = tl.load(pr_ptr + kr[:, None] * d_r + ir[None, :], mask=(kr[:, None] < d_r) & rmask[None, :], other=0.0)
+        if DOT_F32:
+            z = tl.dot(plt3, x, input_precision="ieee")
+            y = tl.dot(tl.reshape(z, (TB * DL, DR)), pr, input_precision="ieee")
+        else:
+            z = tl.dot(plt3, x)
+            zc = z.to(x_ptr.dtype.element_ty)
+            y = tl.dot(tl.reshape(zc, (TB * DL, DR)), pr)
+            if SPLIT_Z:
+                zlo = (z - zc.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                y += tl.dot(tl.reshape(zlo, (TB * DL, DR)), pr)
+        y = _round_to(tl.reshape(y, (TB, DL, DR)) * out_mul, HALF)
+        if HAS_MASK:
+            mrow = tl.load(t_ptr + tok, mask=tmask, other=0).to(tl.int64) * d
+            m = tl.load(m_ptr + mrow[:, None, None] + flat[None, :, :], mask=m3, other=0.0)
+            y = y * m.to(tl.float32)
+        offs = tok[:, None, None] * stride_o + flat[None, :, :]
+        if MODE == 0:
+            tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=m3)
+        else:
+            amax = tl.max(tl.max(tl.abs(y), axis=2), axis=1)
+            s = _scale_of(amax, clip, qmax, MODE, HALF)
+            s3 = s[:, None, None]
+            if MODE == 1:
+                v = _round_to(tl.div_rn(y, s3), HALF)
+                q = tl.minimum(tl.maximum(_rne(v), -qmax - 1.0), qmax)
+                tl.store(o_ptr + offs, (q * s3).to(o_ptr.dtype.element_ty), mask=m3)
+            else:
+                tl.store(sc_ptr + tok, s, mask=tmask)
+                q = tl.minimum(tl.maximum(_rne(tl.div_rn(y, s3)), -qmax - 1.0), qmax)
+                tl.store(o_ptr + offs, q.to(tl.int8), mask=m3)
+
+
 if triton is not None:
 
     @triton.jit
@@ -370,10 +439,11 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
     """:func:`kernel_tiling` with launch choices overridden (what the benchmarks sweep): ``BN`` (a power of two
     from 16 to the padded ``d_r``; one pass when it is all of it), ``num_warps`` (1-16, a power of two) and
     ``tokens_per_prog`` (>= 1; None: :func:`tokens_per_program` decides per call), and ``path`` for fake quant:
-    ``kernel`` (the fused kernel) or ``gemm`` (the transform as two cuBLAS products, eager's very ops, then the
-    one-pass per-token quantizer :func:`fused_row_quant`: eager's numbers bit for bit). Default: ``gemm`` for
-    the two-pass tiles, where the fused kernel was measured no faster than eager (d = 18944 as 128 x 148:
-    README, Performance), ``kernel`` otherwise."""
+    ``kernel`` (the fused kernel), ``batched`` (the fused kernel's math on ``tokens_per_prog`` tokens at once,
+    a power of two, default :data:`BATCHED_TOKENS`; padded tiles up to 64 x 64) or ``gemm`` (the transform as
+    two cuBLAS products, eager's very ops, then the one-pass per-token quantizer :func:`fused_row_quant`:
+    eager's numbers bit for bit). Default: ``gemm`` for the two-pass tiles, where the fused kernel was measured
+    no faster than eager (d = 18944 as 128 x 148: README, Performance), ``kernel`` otherwise."""
     tiling = dict(kernel_tiling(d_l, d_r), tokens_per_prog=None)
     tiling["path"] = "gemm" if tiling["passes"] == 2 else "kernel"
     unknown = set(tuning or {}) - {"BN", "num_warps", "tokens_per_prog", "path"}
@@ -383,8 +453,8 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
         if value is None:
             continue
         if key == "path":
-            if value not in ("kernel", "gemm"):
-                raise ValueError(f"path must be kernel or gemm, got {value!r}")
+            if value not in PATHS:
+                raise ValueError(f"path must be one of {', '.join(PATHS)}, got {value!r}")
             tiling["path"] = value
             continue
         value = int(value)
@@ -396,6 +466,13 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
             raise ValueError(f"tokens_per_prog must be >= 1, got {value}")
         tiling[key] = value
     tiling["passes"] = 1 if tiling["BN"] == tiling["DR"] else 2
+    if tiling["path"] == "batched":
+        tb = tiling["tokens_per_prog"]
+        if tiling["DL"] * tiling["DR"] > MAX_BATCHED_TILE:
+            raise ValueError(f"path batched takes padded tiles up to {MAX_BATCHED_TILE} elements, "
+                             f"got {tiling['DL']} x {tiling['DR']}")
+        if tb is not None and tb & (tb - 1):
+            raise ValueError(f"path batched takes a power of two tokens per program, got {tb}")
     return tiling
 
 
@@ -441,7 +518,19 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
         scales = torch.empty(T, device=dev, dtype=torch.float32)
     else:
         out = torch.empty(T, d, device=dev, dtype=dt)
-    if T > 0:
+    if T > 0 and tiling["path"] == "batched":
+        qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
+        f32 = dt == torch.float32
+        tb = tiling["tokens_per_prog"] or BATCHED_TOKENS
+        _kron_act_batched_kernel[(triton.cdiv(T, tb),)](
+            x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
+            ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
+            scales if scales is not None else out,
+            T, ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
+            DL=tiling["DL"], DR=tiling["DR"], TB=tb, HAS_SCALE=ops["sv"] is not None,
+            HAS_MASK=ops["mk"] is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
+            HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
+    elif T > 0:
         qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
         f32 = dt == torch.float32
         tpp = tiling["tokens_per_prog"] or tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"])
