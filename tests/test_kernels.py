@@ -14,8 +14,8 @@ import torch
 from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
-from freeact.kernels.act_quant import (FusedInputQuantizer, fused_row_quant, kernel_tiling, kron_spec, triton_supports,
-                                      tuned_tiling)
+from freeact.kernels.act_quant import (FusedInputQuantizer, KronActQuant, fused_row_quant, kernel_tiling, kron_spec,
+                                      triton_supports, tuned_tiling)
 from freeact.kernels.hadamard import kernel_fits
 from freeact.transforms.hadamard import hadamard_kron_factors, sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
@@ -489,6 +489,9 @@ def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
             ref = fused_act_quant(x, P_l, P_r, masks, types, bits, clip, backend="eager", in_scale=s)
         assert out.dtype == dtype and torch.isfinite(out.float()).all()
         _assert_fake_quant_close(out, ref, bits, clip)
+        if kernel_tiling(d_l, d_r)["DL"] * kernel_tiling(d_l, d_r)["DR"] <= 4096:  # the batched path too
+            op_b = KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning={"path": "batched"})
+            _assert_fake_quant_close(op_b(x, types, bits, clip, backend="triton"), ref, bits, clip)
     y = fused_act_quant(x, P_l, P_r, masks, types, bits=16, backend="triton", in_scale=s)
     y64 = act_quant_eager(*args64, bits=16, in_scale=s.double())
     tol = 1e-5 if exact else 2e-2
