@@ -50,3 +50,34 @@ def test_graphed_forward_matches_eager_on_the_gpu():
         want2 = model(input_ids=other, use_cache=False).logits
     torch.testing.assert_close(gf(other), want2)  # replayed with the new input, not the captured one
     assert gf.shapes == [(2, 8)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_fused_freeact_forward_is_captured_with_its_token_types(tiny_model):
+    """The typed forward (token types from the input, the fused kernels, the shared q/k/v pipeline) in a
+    graph: replays give the eager forward's logits, for a new input's types too."""
+    from freeact.data.calib import CalibSet
+    from freeact.kernels import fuse_input_quantizers
+    from freeact.methods import QuantContext, QuantSettings, get_method
+    from freeact.models import get_adapter
+    from freeact.quant.quantizer import QuantSpec
+
+    model = tiny_model("dream").cuda()
+    adapter = get_adapter(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 500, (2, 32), generator=g)
+    ids[:, ::3] = adapter.mask_token_id
+    ctx = QuantContext(model, adapter, QuantSettings(QuantSpec(4), QuantSpec(4), QuantSpec(16)), CalibSet(ids, ids),
+                       batch_size=2, progress=False, device="cuda")
+    get_method("freeact", {"epochs": 1}).apply(ctx)
+    model = model.to(torch.bfloat16)
+    fuse_input_quantizers(model, backend="triton")
+    gf = GraphedForward(model)
+    outs = []
+    for x in (ids.cuda(), ids.flip(1).cuda()):  # the second: other mask positions, other types
+        with torch.no_grad():
+            want = model(input_ids=x, use_cache=False).logits
+        got = gf(x).clone()
+        torch.testing.assert_close(got, want)  # bf16 tolerances: cuBLAS may pick other algorithms in a capture
+        outs.append(got)
+    assert (outs[0] - outs[1]).abs().max() > 0.1  # the replay followed the new input
