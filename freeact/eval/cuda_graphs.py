@@ -7,8 +7,9 @@ repeat a shape (fixed-length likelihood batches, benchmarks) gain; a shape seen 
 
 Requirements of the captured forward, as for any CUDA graph: no host synchronisation inside it (the
 fake-quant pipelines read their learned clip once, outside; the token types are tensor ops) and no
-tensors created on the host per call. The returned logits live in the graph's output buffer and are
-overwritten by the next call of the same shape: copy them to keep them.
+tensors created on the host per call. The returned logits live in the graphs' shared memory pool and are
+valid until the next call (of any shape: the graphs share one pool, so a replay may write where another
+graph's output lies): copy them to keep them.
 """
 from __future__ import annotations
 
