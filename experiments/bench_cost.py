@@ -172,8 +172,8 @@ def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off", comp
 
 # ----------------------------------------------------------------------------- forward timing
 class ForwardProbe:
-    """Stamps (CUDA events; wall clock on CPU) around every decoder layer: ``(total_ms, layers_ms)``
-    of one forward, medians over ``repeats`` after two warm-up forwards. ``last`` says of the timed forwards
+    """Stamps (CUDA events; wall clock on CPU) around every decoder layer: ``(total_ms, layers_ms, note)``
+    of one forward, medians over ``repeats`` after two warm-up forwards. ``note`` says of the timed forwards
     what a host-bound forward shows: the host's own time until ``model(...)`` returns (median), and how many
     garbage collections and device allocations / frees ran meanwhile (a device allocation can make the host
     wait for the GPU)."""
@@ -181,18 +181,12 @@ class ForwardProbe:
     def __init__(self, adapter, device: str):
         self.layers = list(adapter.layers())
         self.cuda = device.startswith("cuda")
-        self.last: dict = {}
 
     def _alloc_counts(self) -> tuple[int, int]:
         if not self.cuda:
             return 0, 0
         st = torch.cuda.memory_stats()
         return st.get("num_device_alloc", 0), st.get("num_device_free", 0)
-
-    def diagnosis(self) -> str:
-        d = self.last
-        return (f"host {d['host_ms']:.3f} ms until return; {d['gc']} gc runs, {d['allocs']} device allocs, "
-                f"{d['frees']} frees in {d['repeats']} timed forwards") if d else ""
 
     def _stamp(self):
         if not self.cuda:
@@ -205,7 +199,7 @@ class ForwardProbe:
         return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
 
     @torch.no_grad()
-    def time(self, model, ids: torch.Tensor, repeats: int = 5) -> tuple[float, float]:
+    def time(self, model, ids: torch.Tensor, repeats: int = 5) -> tuple[float, float, str]:
         stamps, hs = [], []
         for l in self.layers:
             hs.append(l.register_forward_pre_hook(lambda *a: stamps.append(self._stamp())))
@@ -227,12 +221,13 @@ class ForwardProbe:
                 totals.append(self._ms(a, b))
                 layer_sums.append(sum(self._ms(stamps[i], stamps[i + 1]) for i in range(0, len(stamps) - 1, 2)))
             al1, fr1 = self._alloc_counts()
-            self.last = dict(host_ms=statistics.median(hosts), repeats=repeats, allocs=al1 - al0, frees=fr1 - fr0,
-                             gc=sum(g["collections"] for g in gc.get_stats()) - gc0)
+            note = (f"host {statistics.median(hosts):.3f} ms until return; "
+                    f"{sum(g['collections'] for g in gc.get_stats()) - gc0} gc runs, {al1 - al0} device allocs, "
+                    f"{fr1 - fr0} frees in {repeats} timed forwards")
         finally:
             for h in hs:
                 h.remove()
-        return statistics.median(totals), statistics.median(layer_sums)
+        return statistics.median(totals), statistics.median(layer_sums), note
 
 
 def time_graphed(model, ids: torch.Tensor, repeats: int = 5) -> float:
@@ -295,19 +290,14 @@ def profile_forward(model, ids: torch.Tensor, device: str, top: int) -> str:
 
 @torch.no_grad()
 def python_profile(model, ids: torch.Tensor, device: str, top: int) -> str:
-    """The ``top`` Python functions of one forward by their own time (``cProfile``), and the forward's host
-    time against its wall time: the host time that the operator profile does not see (a Triton launch is
-    Python until its driver call), where a forward that leaves the GPU idle spends it."""
+    """The ``top`` Python functions of one forward by their own time (``cProfile``): the host time that the
+    operator profile does not see (a Triton launch is Python until its driver call), where a forward that
+    leaves the GPU idle spends it (its host time against its wall time: the evaluation rows' notes)."""
     import cProfile
     import io
     import pstats
 
     _sync(device)
-    t0 = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    host = time.perf_counter() - t0
-    _sync(device)
-    wall = time.perf_counter() - t0
     pr = cProfile.Profile()
     pr.enable()
     model(input_ids=ids, use_cache=False)
@@ -317,8 +307,7 @@ def python_profile(model, ids: torch.Tensor, device: str, top: int) -> str:
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
     body = buf.getvalue().split("\n")
     start = next((i for i, line in enumerate(body) if line.lstrip().startswith("ncalls")), 0)
-    return (f"Python, by own time (cProfile); one forward: host {1e3 * host:.3f} ms until it returns, "
-            f"{1e3 * wall:.3f} ms until the device is done\n" + "\n".join(body[start:]).rstrip())
+    return "Python, by own time (cProfile), one forward\n" + "\n".join(body[start:]).rstrip()
 
 
 @torch.no_grad()
@@ -425,8 +414,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     calib = calib_set(model_name, model, args.nsamples, args.seqlen, seed=0)
     eval_ids = calib.input_ids[:1, : args.eval_tokens].to(dev)
     probe = ForwardProbe(adapter, dev)
-    t_b, l_b = probe.time(model, eval_ids)
-    diag_b = probe.diagnosis()
+    t_b, l_b, diag_b = probe.time(model, eval_ids)
     graphs = cuda and args.cuda_graph == "on"
     t_bg = graphed_or_nan(model, eval_ids, f"{model_name}/bf16") if graphs else float("nan")
     profiles = [f"## {model_name} bf16 forward, 1x{eval_ids.shape[1]} tokens, {k} layer(s)\n"
@@ -457,19 +445,18 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     peak_x = peak + max(extra_cache, 0) + (0 if streaming else (L - k) * lbytes)
     if streaming:
         model.to(dev)
-    t_q, l_q = probe.time(model, eval_ids)
-    diag_q, diag_f, t_fg = probe.diagnosis(), "", float("nan")
+    t_q, l_q, diag_q = probe.time(model, eval_ids)
+    t_fg = float("nan")
     try:
         n_fused = fuse_input_quantizers(model)
-        t_f, l_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"))
-        diag_f = probe.diagnosis() if n_fused else ""
+        t_f, l_f, diag_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"), "")
         t_fg = graphed_or_nan(model, eval_ids, f"{model_name}/{method}") if graphs else float("nan")
         if args.profile_eval:
             profiles.append(f"## {model_name} {method} fake-quant forward ({n_fused} fused input quantizers)\n"
                             + profile_forward(model, eval_ids, dev, args.profile_eval))
     except Exception as e:  # report and keep the calibration numbers
         print(f"{model_name}/{method}: fused evaluation failed: {type(e).__name__}: {e}")
-        n_fused, t_f, l_f, t_fg = 0, float("nan"), float("nan"), float("nan")
+        n_fused, t_f, l_f, diag_f, t_fg = 0, float("nan"), float("nan"), "", float("nan")
     if prof is not None:
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         out = Path(args.profile_dir) / f"calib_profile_{model_name}_{method}.txt"
@@ -530,11 +517,10 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     # control: a fresh bf16 model timed now, in this process's state after the calibration: a forward slower
     # here than before the calibration is the process's doing (host, allocator), not the quantized modules'
     ref = build_model(model_name, k, dev, tiny=args.tiny)
-    ref_probe = ForwardProbe(get_adapter(ref), dev)
-    t_b2, l_b2 = ref_probe.time(ref, eval_ids)
+    t_b2, l_b2, diag_b2 = ForwardProbe(get_adapter(ref), dev).time(ref, eval_ids)
     rows.append(dict(common, metric="eval_bf16_after_ms", value=round(t_b2, 3), unit="ms",
-                     note=f"a fresh bf16 model after the calibration; layers {l_b2:.3f} ms; {ref_probe.diagnosis()}"))
-    del ref, ref_probe
+                     note=f"a fresh bf16 model after the calibration; layers {l_b2:.3f} ms; {diag_b2}"))
+    del ref
     summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
                    total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
                    ratio_g=ratio_gx,

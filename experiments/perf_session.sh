@@ -18,7 +18,8 @@ start)
 set -u
 B="python3 experiments/bench_cost.py --out $K/perf.csv --profile-dir $K/logs --amp bf16"
 run() { echo "=== $(date +%T) $*"; "$@"; local rc=$?; echo "=== $(date +%T) rc=$rc"; return $rc; }
-# -1. the tests that run only on a GPU (kernels, CUDA graphs, int8, streaming): the code paths timed below
+# -1. the tests that run only on a GPU (kernels, int8, streaming, CUDA graphs, FlatQuant's captured steps): the code
+#     paths timed below
 run python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_kernels.py tests/test_flatquant.py \
   -k "cuda or gpu or graph"
 # 0. method.compile off / on, one layer, one epoch (32 steps): the ratio of the step times; the runs below use

@@ -32,7 +32,8 @@ def test_bench_cost_dry_run_writes_rows_and_the_eval_profile(tmp_path):
     step_note = rows.loc[rows["metric"] == "calib_step_s", "note"].item()
     assert "CUDA graph: not on a CUDA device" in step_note  # the trainer's own report, carried into the row
     assert set(rows["shape"]) == {"8x32, layers timed 2/32"}
-    for metric in ("eval_bf16_ms", "eval_fakequant_ms", "eval_fused_ms", "eval_bf16_after_ms"):  # host time vs wall: host-bound or not
+    # every evaluation row says the host's time against the wall time: host-bound or not
+    for metric in ("eval_bf16_ms", "eval_fakequant_ms", "eval_fused_ms", "eval_bf16_after_ms"):
         note = rows.loc[rows["metric"] == metric, "note"].item()
         assert "ms until return;" in note and "timed forwards" in note, note
     text = (prof / "eval_profile_llada_8b_flatquant.txt").read_text()

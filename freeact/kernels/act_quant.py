@@ -518,30 +518,21 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
         scales = torch.empty(T, device=dev, dtype=torch.float32)
     else:
         out = torch.empty(T, d, device=dev, dtype=dt)
-    if T > 0 and tiling["path"] == "batched":
-        qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
+    if T > 0:
         f32 = dt == torch.float32
-        tb = tiling["tokens_per_prog"] or BATCHED_TOKENS
-        _kron_act_batched_kernel[(triton.cdiv(T, tb),)](
-            x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
-            ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
-            scales if scales is not None else out,
-            T, ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
-            DL=tiling["DL"], DR=tiling["DR"], TB=tb, HAS_SCALE=ops["sv"] is not None,
-            HAS_MASK=ops["mk"] is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
-            HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
-    elif T > 0:
-        qmax = float(2 ** (bits - 1) - 1) if mode else 1.0
-        f32 = dt == torch.float32
-        tpp = tiling["tokens_per_prog"] or tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"])
-        _kron_act_kernel[(triton.cdiv(T, tpp),)](
-            x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
-            ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
-            scales if scales is not None else out,
-            T, ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0), qmax, float(clip), float(out_mul),
-            DL=tiling["DL"], DR=tiling["DR"], BN=tiling["BN"], TPP=tpp, HAS_SCALE=ops["sv"] is not None,
-            HAS_MASK=ops["mk"] is not None, MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32),
-            HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
+        args = (x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
+                ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
+                scales if scales is not None else out, T, ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0),
+                float(2 ** (bits - 1) - 1) if mode else 1.0, float(clip), float(out_mul))
+        flags = dict(DL=tiling["DL"], DR=tiling["DR"], HAS_SCALE=ops["sv"] is not None, HAS_MASK=ops["mk"] is not None,
+                     MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32), HALF=_HALF_CODE[dt],
+                     num_warps=tiling["num_warps"])
+        if tiling["path"] == "batched":
+            tb = tiling["tokens_per_prog"] or BATCHED_TOKENS
+            _kron_act_batched_kernel[(triton.cdiv(T, tb),)](*args, TB=tb, **flags)
+        else:
+            tpp = tiling["tokens_per_prog"] or tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"])
+            _kron_act_kernel[(triton.cdiv(T, tpp),)](*args, BN=tiling["BN"], TPP=tpp, **flags)
     return (out, scales) if mode == 2 else out
 
 

@@ -37,6 +37,7 @@ learnable per-output-channel clamp ``[sigmoid(a) min_row, sigmoid(b) max_row]``)
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -495,16 +496,12 @@ def clipped_fake_quant(w: Tensor, logit_max: Tensor | None, logit_min: Tensor | 
     return fake_quant(w, spec)
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def compiled_clipped_fake_quant():
     """:func:`clipped_fake_quant` through ``torch.compile`` (made once; shapes that change are recompiled as
     dynamic): on a GPU, its dozen elementwise passes over the weight, forward and backward, become a few fused
     kernels. Block training at 8B spends most of a step in those passes (README, Performance)."""
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(clipped_fake_quant, fullgraph=True)
-    return _COMPILED["fn"]
+    return torch.compile(clipped_fake_quant, fullgraph=True)
 
 
 # ----------------------------------------------------------------------------- calibrating mode
