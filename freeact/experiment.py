@@ -35,6 +35,11 @@ def is_multimodal(data_cfg) -> bool:
     return data_cfg.get("kind", "text") == "multimodal"
 
 
+def needs_processor(cfg: DictConfig) -> bool:
+    """Whether the run feeds images: multimodal calibration or evaluation, or lmms-eval tasks."""
+    return is_multimodal(cfg.calib) or cfg.eval.get("kind", "text") in ("multimodal", "lmms")
+
+
 def git_commit() -> str:
     """Short commit of the code that runs (``+dirty`` with uncommitted changes to tracked files).
     ``FREEACT_GIT_COMMIT`` overrides it where the code runs from a copy without ``.git`` (a GPU
@@ -93,7 +98,7 @@ def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, o
     model, tok = load_model(cfg.model, device, seed=cfg.seed)
     adapter = get_adapter(model)
     method = get_method(cfg.method.name, OmegaConf.to_container(cfg.method))
-    processor = load_model_processor(cfg.model) if is_multimodal(cfg.calib) or is_multimodal(cfg.eval) else None
+    processor = load_model_processor(cfg.model) if needs_processor(cfg) else None
 
     calib = None
     t_calib = time.time()
@@ -117,6 +122,10 @@ def run_experiment(cfg: DictConfig, specs: dict, run_hash: str) -> tuple[dict, o
             from .eval.multimodal import evaluate_multimodal
 
             metrics = evaluate_multimodal(model, processor, cfg.eval, device=device, progress=cfg.progress)
+        elif cfg.eval.kind == "lmms":
+            from .eval.lmms_bridge import run_lmms_config
+
+            metrics = run_lmms_config(model, processor, cfg.eval, device=device, progress=cfg.progress)
         else:
             metrics = evaluate(model, adapter, tok, cfg.eval, device=device, progress=cfg.progress)
     row = {

@@ -108,6 +108,20 @@ def _check_multimodal_source(cfg: DictConfig, key: str) -> None:
         raise ConfigError(f"{key}.source: {e}") from None
 
 
+def _check_lmms(cfg: DictConfig) -> None:
+    """``eval=lmms``: a VLM, its optional records source, the task settings and names (lmms-eval's index)."""
+    from .eval.lmms_bridge import check_lmms_settings
+
+    _check(cfg.model.family == "vlm", f"eval=lmms runs image-text tasks: it needs a vision-language model "
+                                      f"(model.family=vlm), got model.family={cfg.model.family!r}")
+    if cfg.eval.get("source"):
+        _check_multimodal_source(cfg, "eval")
+    try:
+        check_lmms_settings(cfg.eval)
+    except ValueError as e:
+        raise ConfigError(f"eval: {e}") from None
+
+
 def _check_text_source(cfg: DictConfig, key: str) -> None:
     """A shipped corpus or text file must exist; a dataset source (``hf:...``, a local data folder)
     is loaded here, before the model (``datasets`` is imported only then), so that a dataset missing
@@ -148,7 +162,7 @@ def group_schema(cfg: DictConfig, group: str):
     return schema if dataclasses.is_dataclass(schema) else SCHEMAS[group]
 
 
-EVAL_EXAMPLES = {"text": "eval=text", "harness": "eval=harness", "multimodal": "eval=mm_easyvqa"}
+EVAL_EXAMPLES = {"text": "eval=text", "harness": "eval=harness", "multimodal": "eval=mm_easyvqa", "lmms": "eval=lmms"}
 
 
 def _unknown_eval_key(key: str, schema) -> ConfigError:
@@ -278,7 +292,7 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
         _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
         _check(not cfg.eval.get("cuda_graph", False) or cfg.device.startswith("cuda"),
                f"eval.cuda_graph=true replays CUDA graphs: it needs device=cuda (device={cfg.device})")
-    if cfg.eval.get("tasks"):
+    if cfg.eval.kind != "lmms" and cfg.eval.get("tasks"):  # lm-eval tasks; lmms-eval's are checked last
         from .eval.harness import check_task_settings
 
         try:
@@ -289,6 +303,8 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
            f"calib.mask_t_min/max=({cfg.calib.mask_t_min}, {cfg.calib.mask_t_max}) must satisfy 0 <= min <= max <= 1")
     for key in ("calib", "eval"):
         kind = cfg[key].get("kind", "text")
+        if key == "eval" and kind == "lmms":  # its source (optional) is checked by _check_lmms
+            continue
         _check(kind in DATA_KINDS, f"{key}.kind={kind!r} must be one of {DATA_KINDS}")
         if kind == "multimodal":
             _check_multimodal_source(cfg, key)
@@ -310,5 +326,7 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
             for d in dims:
                 _check(d is None or d % s.group_size == 0,
                        f"quant.{key}.group_size={s.group_size} does not divide the width {d} of {m.name}")
+    if cfg.eval.kind == "lmms":  # last: naming its tasks means indexing lmms-eval's library (seconds)
+        _check_lmms(cfg)
     check_device_there(cfg.device)
     return specs

@@ -498,10 +498,9 @@ def test_multimodal_data_needs_a_vlm(compose):
 
 # -- lmms-eval ----------------------------------------------------------------------------------
 def test_lmms_eval_bridge_on_a_local_task(make_vlm, processor, records, tmp_path):
-    from freeact.eval.lmms_bridge import lmms_available, local_tasks, run_lmms_eval
+    from freeact.eval.lmms_bridge import local_tasks, run_lmms_eval
 
-    if not lmms_available():
-        pytest.skip("lmms-eval not importable: pip install --no-deps lmms-eval==0.7.3 accelerate loguru tenacity")
+    _lmms_or_skip()
     model = make_vlm()
     # Every other item of each type is labelled with the model's own greedy answer (open / text) or likeliest
     # option (mc), the rest with an answer it did not give: a string sharing no character with its answer
@@ -585,3 +584,116 @@ def test_padding_enters_no_gptq_hessian_nor_smoothquant_statistic(make_vlm, proc
     a1, a3 = absmax(unpadded), absmax(padded_batches)
     for n in a1:
         torch.testing.assert_close(a3[n], a1[n], rtol=1e-9, atol=1e-12)
+
+
+def _lmms_or_skip():
+    from freeact.eval.lmms_bridge import LMMS_INSTALL, lmms_available
+
+    if not lmms_available():
+        pytest.skip(f"lmms-eval not importable: {LMMS_INSTALL}")
+
+
+TASK_YAML = """task: my_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  until: ["\\n"]
+  max_new_tokens: 8
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact
+    aggregation: mean
+    higher_is_better: true
+"""
+TASK_UTILS = """from pathlib import Path
+from PIL import Image
+ROOT = Path({root!r})
+def doc_to_visual(doc):
+    return [Image.open(ROOT / doc["image"]).convert("RGB")]
+def doc_to_text(doc):
+    return doc["prompt"]
+def process_results(doc, results):
+    return {{"exact": float(results[0].strip() == doc["answer"])}}
+"""
+
+
+def test_eval_lmms_from_the_command_line(compose, tmp_path):
+    """``python -m freeact.run ... eval=lmms eval.include_path=DIR eval.tasks=[...]``: an lmms-eval task YAML of
+    the user's (its own scoring function) runs on the run's model and its metric lands in the CSV row. Half of
+    the documents are labelled with the greedy answer of the model the run builds (built here the same way),
+    the other half with a string it did not answer, so the row must read exactly 0.5; a wrong task name is one
+    line naming the task and its near miss, exit 2, no row."""
+    import subprocess
+    import sys
+
+    from freeact.experiment import load_model_processor
+    from freeact.models.loading import load_model
+
+    _lmms_or_skip()
+    data = generate_synthetic_vqa(tmp_path / "vqa", n=8, seed=3)
+    recs = load_records(data)
+    cfg = compose(["model=tiny_vlm", "seed=0"])
+    model, _ = load_model(cfg.model, "cpu", seed=0)
+    answers = generate_answers(model.eval(), load_model_processor(cfg.model), recs, 8)
+    lines, own = [], []
+    for r, a in zip(recs, answers):
+        mine = len(own) % 2 == 0 and bool(a)
+        other = "".join(c for c in "zqxjkvwyfbgmhp" if c not in a.lower())[:6]
+        own.append(mine)
+        lines.append(json.dumps(dict(r, image=str(r["image"]), answer=a if mine else other)))
+    (data / "labelled.jsonl").write_text("\n".join(lines) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "my_vqa.yaml").write_text(TASK_YAML.format(data=data / "labelled.jsonl"))
+    (tasks / "utils.py").write_text(TASK_UTILS.format(root=str(data)))
+    assert 0 < sum(own) < len(own)
+
+    csv = tmp_path / "runs.csv"
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
+               FREEACT_CACHE=str(tmp_path / "cache"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "freeact.run", "model=tiny_vlm", "method=fp16", "seed=0",
+                               "eval=lmms", f"eval.include_path={tasks}", "eval.include_defaults=false",
+                               "progress=false", f"results_file={csv}", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    res = run("eval.tasks=[my_vqa]")
+    assert res.returncode == 0, res.stderr[-2000:]
+    import pandas as pd
+
+    row = pd.read_csv(csv).iloc[-1]
+    assert row["eval.kind"] == "lmms" and row["status"] == "ok"
+    assert row["my_vqa.exact"] == pytest.approx(sum(own) / len(own))
+
+    bad = run("eval.tasks=[my_vqb]")
+    assert bad.returncode == 2 and len(pd.read_csv(csv)) == 1
+    msg = [line for line in bad.stderr.splitlines() + bad.stdout.splitlines() if "my_vqb" in line]
+    assert len(msg) == 1 and "did you mean my_vqa" in msg[0], bad.stderr[-1000:]
+
+
+def test_eval_lmms_rejects_what_cannot_run(compose, tmp_path):
+    from freeact.config import ConfigError
+    from freeact.validate import validate
+
+    _lmms_or_skip()
+    cases = {("model=tiny_llama", "eval.source=synthetic"): "needs a vision-language model",
+             ("model=tiny_vlm",): "nothing to evaluate",
+             ("model=tiny_vlm", "eval.source=synthetic", "eval.limit=0"): "limit=0 must be >= 1",
+             ("model=tiny_vlm", "eval.source=synthetic", "eval.max_new_tokens=0"): "max_new_tokens=0",
+             ("model=tiny_vlm", "eval.tasks=[x]", f"eval.include_path={tmp_path}/none"): "is not a directory",
+             ("model=tiny_vlm", "eval.tasks=[x]", "eval.include_defaults=false"): "include_defaults=false",
+             ("model=tiny_vlm", f"eval.source={tmp_path}/none"): "eval.source",
+             ("model=tiny_vlm", "eval.tasks=[x]", f"eval.include_path={tmp_path}",
+              "eval.include_defaults=false"): "task 'x' is not in include_path"}
+    for overrides, match in cases.items():
+        with pytest.raises(ConfigError, match=match):
+            validate(compose(["eval=lmms", *overrides]))
+    validate(compose(["model=tiny_vlm", "eval=lmms", "eval.source=synthetic"]))  # records alone are enough

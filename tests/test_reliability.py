@@ -48,7 +48,7 @@ def run_cli(args, cwd, code=None, timeout=300):
     ("eval.kernels=fast", "eval.kernels='fast' must be one of ('eager', 'auto', 'triton')"),
     ("eval.kernels=triton device=cpu", "eval.kernels=triton needs Triton and a CUDA device (device=cpu)"),
     ("eval.cuda_graph=true device=cpu", "eval.cuda_graph=true replays CUDA graphs: it needs device=cuda (device=cpu)"),
-    ("eval=text +eval.tasks=[freeact_mc]", "eval.tasks is not a setting of a text evaluation; eval=harness has it"),
+    ("eval=text +eval.tasks=[freeact_mc]", "eval.tasks is not a setting of a text evaluation; eval=harness and eval=lmms have it"),
     ("model=llada_8b", "model.path=GSAI-ML/LLaDA-8B-Instruct is not in the Hugging Face cache"),
 ])
 def test_bad_value_one_line_exit_2_no_row_no_run_folder(tmp_path, override, message):

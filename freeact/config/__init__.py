@@ -128,7 +128,25 @@ class MultimodalEvalConfig(EvalConfig):
     max_new_tokens: int = 8  # greedy answer length
 
 
-EVAL_SCHEMAS = {"text": TextEvalConfig, "harness": HarnessEvalConfig, "multimodal": MultimodalEvalConfig}
+@dataclass
+class LmmsEvalConfig(EvalConfig):
+    """lmms-eval tasks on the in-memory (quantized) VLM (freeact/eval/lmms_bridge.py): lmms-eval's own task
+    library, task YAMLs of ``include_path``, and/or local image-text records (``source``) as the
+    ``freeact_vqa_{open,text,mc}`` tasks."""
+
+    name: str = "lmms"
+    kind: str = "lmms"
+    source: Optional[str] = None  # local records as tasks: a JSONL folder | synthetic | easy_vqa/<split> | null
+    nsamples: Optional[int] = None  # source=synthetic: how many items are generated
+    tasks: List[str] = field(default_factory=list)  # lmms-eval task (or group) names
+    include_path: Optional[str] = None  # a directory of lmms-eval task YAMLs (searched recursively)
+    include_defaults: bool = True  # also index lmms-eval's own tasks (false: only include_path's)
+    limit: Optional[int] = None  # documents per task (None = all)
+    max_new_tokens: int = 32  # greedy answer length, unless a task's generation_kwargs say otherwise
+
+
+EVAL_SCHEMAS = {"text": TextEvalConfig, "harness": HarnessEvalConfig, "multimodal": MultimodalEvalConfig,
+                "lmms": LmmsEvalConfig}
 
 
 @dataclass

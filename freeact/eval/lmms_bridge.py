@@ -8,14 +8,22 @@ images first, as lmms-eval's own Qwen2.5-VL / InternVL wrappers do. :func:`local
 tasks on a local JSONL folder (``freeact.data.vqa_records`` format) with no download;
 :func:`run_lmms_eval` runs any task list and returns flat ``{task.metric: value}``.
 
+From the command line, ``eval=lmms`` (``conf/eval/lmms.yaml``) runs :func:`run_lmms_config`: lmms-eval task
+names (its own library, or the YAMLs of ``eval.include_path``) and/or local records (``eval.source``), each
+metric a ``<task>.<metric>`` column of the run's row::
+
+    python -m freeact.run model=tiny_vlm method=rtn calib=mm_synthetic eval=lmms \
+        eval.include_path=my_tasks eval.include_defaults=false eval.tasks=[my_vqa]
+
 Installing lmms-eval
 --------------------
 ``pip install lmms-eval`` (0.7.3) pulls in a different torch (and CUDA wheels, torchvision,
 wandb, ...). In an environment whose torch / transformers must stay as they are, install it
-without its dependency set and add the three its evaluator imports need::
+without its dependency set, and the two packages its evaluator imports beyond ours through the
+``lmms`` extra::
 
+    pip install -e ".[lmms]"
     pip install --no-deps lmms-eval==0.7.3
-    pip install --no-deps accelerate loguru tenacity
 
 That is enough for the evaluator, local tasks and metrics; a real suite's own ``utils.py`` may
 import more (e.g. ``pycocoevalcap`` for captioning), which ``pip install --no-deps`` adds as needed.
@@ -55,8 +63,11 @@ which reports ``freeact_vqa_open.vqa_acc``, ``freeact_vqa_text.anls`` (greedy an
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +75,7 @@ from tqdm.auto import tqdm
 
 from ..data.processor import encode_prompts, to_device, tokenizer_of
 from ..data.vqa_records import load_image, load_records
+from ..data.vqa_sources import resolve_source
 from .multimodal import anls, continuation_logprobs, references, vqa_accuracy
 
 #: local task per record type: (name, output type, metric)
@@ -83,10 +95,44 @@ def lmms_available() -> bool:
     return True
 
 
+LMMS_INSTALL = 'pip install -e ".[lmms]" && pip install --no-deps lmms-eval==0.7.3'
+
+
 def _require_lmms():
     if not lmms_available():
-        raise ImportError("lmms-eval is not importable: pip install --no-deps lmms-eval==0.7.3 accelerate "
-                          "loguru tenacity (see freeact/eval/lmms_bridge.py)")
+        raise ImportError(f"lmms-eval is not importable: {LMMS_INSTALL} (see freeact/eval/lmms_bridge.py)")
+
+
+@contextmanager
+def quiet_lmms(progress: bool = True):
+    """lmms-eval logs through loguru from DEBUG up (hundreds of lines while it indexes its task library):
+    its messages are switched off while it runs here, and on again afterwards (its errors still raise);
+    with ``progress`` false, so are the progress bars of ``datasets`` (which loads the tasks' documents)."""
+    from datasets.utils import logging as ds_logging
+    from loguru import logger
+
+    bars = ds_logging.is_progress_bar_enabled()
+    logger.disable("lmms_eval")
+    if not progress:
+        ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.enable("lmms_eval")
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None, include_defaults: bool):
+    """lmms-eval's task index (its own library unless ``include_defaults`` is false, plus the YAMLs under
+    ``include_path``), built once per process: indexing the library takes seconds, and a run asks for it twice
+    (the config check, then the evaluation)."""
+    _require_lmms()
+    from lmms_eval.tasks import TaskManager
+
+    with quiet_lmms():
+        return TaskManager("WARNING", include_path=include_path, include_defaults=include_defaults)
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -258,18 +304,19 @@ def run_lmms_eval(model, processor, tasks: list, limit: int | None = None, batch
 
     import numpy as np
     from lmms_eval.evaluator import evaluate
-    from lmms_eval.tasks import TaskManager, get_task_dict
+    from lmms_eval.tasks import get_task_dict
 
     lm = make_lmms_model(model, processor, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
                          progress=progress)
-    manager = TaskManager("WARNING", include_path=include_path, include_defaults=include_defaults)
+    manager = task_manager(include_path, include_defaults)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    task_dict = get_task_dict(list(tasks), manager, "simple")
-    _prepare_tasks(lm, task_dict, seed)
-    res = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=False,
-                   verbosity="WARNING", process_docs_parallel=1)
+    with quiet_lmms(progress):
+        task_dict = get_task_dict(list(tasks), manager, "simple")
+        _prepare_tasks(lm, task_dict, seed)
+        res = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=False,
+                       verbosity="WARNING", process_docs_parallel=1)
     out = {}
     for task, metrics in (res or {}).get("results", {}).items():
         for key, value in metrics.items():
@@ -278,3 +325,55 @@ def run_lmms_eval(model, processor, tasks: list, limit: int | None = None, batch
                 continue
             out[f"{task}.{name}"] = value
     return out
+
+
+# -- the eval=lmms config ---------------------------------------------------------------------------
+def check_lmms_settings(ecfg) -> None:
+    """Raise ValueError on settings of an ``eval=lmms`` config that cannot run, before the model loads: the
+    values first, then whether lmms-eval imports, then the task names against its index (``include_path``'s
+    YAMLs, and its own library unless ``include_defaults`` is false)."""
+    tasks = list(ecfg.get("tasks") or [])
+    if not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks={tasks} must be a list of lmms-eval task names")
+    if not tasks and not ecfg.get("source"):
+        raise ValueError("nothing to evaluate: give eval.tasks=[...] (lmms-eval task names) and/or eval.source="
+                         "<a JSONL records folder | synthetic | easy_vqa/test>")
+    limit = ecfg.get("limit")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or null for all documents)")
+    for key in ("batch_size", "max_new_tokens"):
+        if ecfg.get(key) is None or ecfg.get(key) < 1:
+            raise ValueError(f"{key}={ecfg.get(key)} must be >= 1")
+    inc = ecfg.get("include_path")
+    if inc and not Path(inc).expanduser().is_dir():
+        raise ValueError(f"include_path={inc} is not a directory")
+    if tasks and not inc and not ecfg.get("include_defaults", True):
+        raise ValueError("include_defaults=false leaves only the tasks of include_path, and none is given")
+    if not lmms_available():
+        raise ValueError(f"eval=lmms needs lmms-eval: {LMMS_INSTALL}")
+    if tasks:
+        inc = str(Path(inc).expanduser().resolve()) if inc else None
+        known = task_manager(inc, bool(ecfg.get("include_defaults", True))).all_tasks
+        for t in tasks:
+            if t not in known:
+                near = difflib.get_close_matches(t, known, n=3)
+                where = f"include_path={inc}" + ("" if not ecfg.get("include_defaults", True) else " or lmms-eval")
+                raise ValueError(f"task {t!r} is not in {where if inc else 'lmms-eval'}"
+                                 + (f" (did you mean {', '.join(near)}?)" if near else ""))
+
+
+def run_lmms_config(model, processor, ecfg, device="cpu", progress: bool = True) -> dict:
+    """:func:`run_lmms_eval` with the keys of an ``eval=lmms`` config: the named tasks plus, when ``source``
+    is set, its records as :func:`local_tasks`; ``{"<task>.<metric>": value}``."""
+    check_lmms_settings(ecfg)
+    named = list(ecfg.get("tasks") or [])
+    tasks: list = list(named)
+    if ecfg.get("source"):
+        folder = resolve_source(ecfg.source, ecfg.get("nsamples"), ecfg.seed)
+        tasks += local_tasks(folder, max_new_tokens=ecfg.max_new_tokens)
+    inc = ecfg.get("include_path")
+    return run_lmms_eval(model, processor, tasks, limit=ecfg.get("limit"), batch_size=ecfg.batch_size,
+                         max_new_tokens=ecfg.max_new_tokens, device=device,
+                         include_path=str(Path(inc).expanduser().resolve()) if inc else None,
+                         include_defaults=bool(named) and bool(ecfg.get("include_defaults", True)),
+                         progress=progress, seed=ecfg.seed)
