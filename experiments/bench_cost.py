@@ -30,16 +30,17 @@ and one layer at a time is on the GPU (:mod:`freeact.methods.streaming`); the pe
 depth. The float32 matmul precision in force (TF32 or not, including the
 ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE`` variable some images set) is recorded in every row.
 
-**Evaluation overhead.** One forward of ``--eval-tokens`` tokens before calibration (bf16) and after it
-(fake quant: online transforms + activation quantizers, eager), and after
-:func:`~freeact.kernels.fuse_input_quantizers` (the fused Triton kernel). CUDA events around every
-decoder layer separate the layers from the rest (embeddings, LM head), so the full-depth ratio
-``(rest + L x layer_q) / (rest + L x layer_bf16)`` is extrapolated too. On a GPU both forwards are also
-replayed from CUDA graphs (:class:`~freeact.eval.cuda_graphs.GraphedForward`, ``--cuda-graph``): the
-device's time without the host's launch cost, which a forward of many small kernels can exceed. Every
-evaluation row's note gives the host's own time until the forward returns, against which the wall time
-shows whether the host or the device set it; ``eval_bf16_after_ms`` re-times a fresh bf16 model after the
-calibration (the same process, so a slower process shows there).
+**Evaluation overhead.** One forward of ``--eval-tokens`` tokens of the fake-quant model (online
+transforms + activation quantizers, eager), and after :func:`~freeact.kernels.fuse_input_quantizers` (the
+fused Triton kernel), each timed in alternation with a fresh bf16 model of the same config built after the
+calibration (``--eval-rounds`` rounds; the ratio is the median of the rounds' ratios), so that the host's
+drift and the state the calibration left the process in fall on both alike. ``eval_bf16_ms`` is the bf16
+forward before calibration, for comparison. CUDA events around every decoder layer separate the layers from
+the rest (embeddings, LM head), so the full-depth ratio ``(rest + L x layer_q) / (rest + L x layer_bf16)``
+is extrapolated too. On a GPU both forwards are also replayed from CUDA graphs
+(:class:`~freeact.eval.cuda_graphs.GraphedForward`, ``--cuda-graph``): the device's time without the host's
+launch cost, which a forward of many small kernels can exceed. Every evaluation row's note gives the host's
+own time until the forward returns, against which the wall time shows whether the host or the device set it.
 
 Targets printed at the end: FreeAct and FlatQuant on an 8B model <= 30 min and <= 40 GB peak; fake-quant evaluation
 <= 1.5x the bf16 forward.
@@ -228,6 +229,30 @@ class ForwardProbe:
             for h in hs:
                 h.remove()
         return statistics.median(totals), statistics.median(layer_sums), note
+
+
+def paired_times(probe_q: ForwardProbe, model_q, probe_b: ForwardProbe, model_b, ids: torch.Tensor,
+                 rounds: int = 5, repeats: int = 3) -> tuple[list, list]:
+    """``rounds`` rounds of :meth:`ForwardProbe.time` on two models in alternation (q, b, q, b, ...): the
+    ``(total_ms, layers_ms, note)`` of each round, per model. A host-bound forward is timed at the host's
+    speed of the moment, which drifts (the host time of the same operators differed 2x between bf16 forwards
+    minutes apart, results/perf_logs at 5e11741); in alternation the drift falls on both models alike, and a
+    ratio taken per round cancels it."""
+    got_q, got_b = [], []
+    for _ in range(rounds):
+        got_q.append(probe_q.time(model_q, ids, repeats))
+        got_b.append(probe_b.time(model_b, ids, repeats))
+    return got_q, got_b
+
+
+def paired_ratio(got_q: list, got_b: list, k: int, L: int) -> float:
+    """The median over rounds of each round's full-depth ratio (:func:`extrapolated_ratio`)."""
+    return statistics.median(extrapolated_ratio(q[0], q[1], b[0], b[1], k, L) for q, b in zip(got_q, got_b))
+
+
+def medians(got: list) -> tuple[float, float, str]:
+    """``(total_ms, layers_ms, note)``: the medians over the rounds, and the middle round's note."""
+    return (statistics.median(g[0] for g in got), statistics.median(g[1] for g in got), got[len(got) // 2][2])
 
 
 def time_graphed(model, ids: torch.Tensor, repeats: int = 5) -> float:
@@ -445,18 +470,28 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     peak_x = peak + max(extra_cache, 0) + (0 if streaming else (L - k) * lbytes)
     if streaming:
         model.to(dev)
-    t_q, l_q, diag_q = probe.time(model, eval_ids)
-    t_fg = float("nan")
+    # the reference: a fresh bf16 model, timed in alternation with the quantized one (paired_times): a slower
+    # process shows in both, and the host's drift cancels in the per-round ratios
+    ref = build_model(model_name, k, dev, tiny=args.tiny)
+    rprobe = ForwardProbe(get_adapter(ref), dev)
+    got_q, got_r = paired_times(probe, model, rprobe, ref, eval_ids, args.eval_rounds)
+    (t_q, l_q, diag_q), (t_r, l_r, diag_r) = medians(got_q), medians(got_r)
+    ratio_x = paired_ratio(got_q, got_r, k, L)
+    t_fg, ratio_fx = float("nan"), float("nan")
     try:
         n_fused = fuse_input_quantizers(model)
-        t_f, l_f, diag_f = probe.time(model, eval_ids) if n_fused else (float("nan"), float("nan"), "")
+        t_f, l_f, diag_f = float("nan"), float("nan"), ""
+        if n_fused:
+            got_f, got_r2 = paired_times(probe, model, rprobe, ref, eval_ids, args.eval_rounds)
+            (t_f, l_f, diag_f), ratio_fx = medians(got_f), paired_ratio(got_f, got_r2, k, L)
         t_fg = graphed_or_nan(model, eval_ids, f"{model_name}/{method}") if graphs else float("nan")
         if args.profile_eval:
             profiles.append(f"## {model_name} {method} fake-quant forward ({n_fused} fused input quantizers)\n"
                             + profile_forward(model, eval_ids, dev, args.profile_eval))
     except Exception as e:  # report and keep the calibration numbers
         print(f"{model_name}/{method}: fused evaluation failed: {type(e).__name__}: {e}")
-        n_fused, t_f, l_f, diag_f, t_fg = 0, float("nan"), float("nan"), "", float("nan")
+        n_fused, t_f, l_f, diag_f, t_fg, ratio_fx = 0, float("nan"), float("nan"), "", float("nan"), float("nan")
+    del ref, rprobe
     if prof is not None:
         sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         out = Path(args.profile_dir) / f"calib_profile_{model_name}_{method}.txt"
@@ -473,8 +508,6 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
         out.write_text(f"{base['device']} | torch {base['torch']} | {' '.join(sys.argv[1:])}\n\n"
                        + "\n\n".join(profiles) + "\n")
         print("\n\n".join(profiles) + f"\n(written to {out})", flush=True)
-    ratio_x = extrapolated_ratio(t_q, l_q, t_b, l_b, k, L)
-    ratio_fx = extrapolated_ratio(t_f, l_f, t_b, l_b, k, L) if n_fused else float("nan")
     # graphed: no per-layer stamps inside a graph; the layers' time is the total less the eager bf16 forward's
     # time outside the layers (embedding, final norm, head: the same kernels, GPU-bound)
     rest = max(t_b - l_b, 0.0)
@@ -499,28 +532,26 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
             dict(common, metric="model_build_s", value=round(t_build, 2), unit="s"),
             dict(common, metric="eval_bf16_ms", value=round(t_b, 3), unit="ms",
                  note=f"1x{eval_ids.shape[1]} tokens; layers {l_b:.3f} ms; {diag_b}"),
+            dict(common, metric="eval_bf16_after_ms", value=round(t_r, 3), unit="ms",
+                 note=f"a fresh bf16 model after the calibration, timed in alternation with the fake-quant one "
+                      f"(the reference of the overheads); layers {l_r:.3f} ms; {diag_r}"),
             dict(common, metric="eval_fakequant_ms", value=round(t_q, 3), unit="ms",
                  note=f"layers {l_q:.3f} ms; {diag_q}"),
-            dict(common, metric="eval_overhead_layer", value=round(l_q / l_b, 3), unit="x", note="eager"),
-            dict(common, metric="eval_overhead", value=round(ratio_x, 3), unit="x", note=f"eager; {label}")]
+            dict(common, metric="eval_overhead_layer", value=round(l_q / l_r, 3), unit="x",
+                 note="eager; vs the paired bf16 reference"),
+            dict(common, metric="eval_overhead", value=round(ratio_x, 3), unit="x",
+                 note=f"eager; median over {args.eval_rounds} rounds in alternation with bf16; {label}")]
     if n_fused:
         rows += [dict(common, metric="eval_fused_ms", value=round(t_f, 3), unit="ms",
                       note=f"{n_fused} fused input quantizers; layers {l_f:.3f} ms; {diag_f}"),
                  dict(common, metric="eval_overhead_fused", value=round(ratio_fx, 3), unit="x",
-                      note=f"fused kernel; {label}")]
+                      note=f"fused kernel; median over {args.eval_rounds} rounds in alternation with bf16; {label}")]
     if not math.isnan(ratio_gx):
         gnote = f"CUDA graphs, bf16 and fused fake quant alike; layers = total - {rest:.3f} ms outside them"
         rows += [dict(common, metric="eval_graph_bf16_ms", value=round(t_bg, 3), unit="ms", note=gnote),
                  dict(common, metric="eval_graph_fused_ms", value=round(t_fg, 3), unit="ms", note=gnote),
                  dict(common, metric="eval_overhead_graph", value=round(ratio_gx, 3), unit="x",
                       note=f"{gnote}; {label}")]
-    # control: a fresh bf16 model timed now, in this process's state after the calibration: a forward slower
-    # here than before the calibration is the process's doing (host, allocator), not the quantized modules'
-    ref = build_model(model_name, k, dev, tiny=args.tiny)
-    t_b2, l_b2, diag_b2 = ForwardProbe(get_adapter(ref), dev).time(ref, eval_ids)
-    rows.append(dict(common, metric="eval_bf16_after_ms", value=round(t_b2, 3), unit="ms",
-                     note=f"a fresh bf16 model after the calibration; layers {l_b2:.3f} ms; {diag_b2}"))
-    del ref
     summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
                    total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
                    ratio_g=ratio_gx,
@@ -577,6 +608,8 @@ def main(argv=None) -> None:
                     help="epochs run by the learned methods (extrapolated to 15 with the measured step time)")
     ap.add_argument("--target-nsamples", type=int, default=128, help="published calibration sequences")
     ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-rounds", type=int, default=5,
+                    help="rounds of fake-quant and bf16 forwards timed in alternation (3 timed forwards each)")
     ap.add_argument("--streaming", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--cuda-graph", choices=("on", "off"), default="on",
                     help="also time the bf16 and the fused fake-quant forward replayed from CUDA graphs (GPU only): "

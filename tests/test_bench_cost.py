@@ -14,7 +14,8 @@ def dry_run(tmp_path, *args: str) -> tuple[Path, Path]:
     """bench_cost.py at tiny widths on the CPU (8 x 32 calibration tokens); returns (its CSV, its profile dir)."""
     out, prof = tmp_path / "perf.csv", tmp_path / "prof"
     p = subprocess.run([sys.executable, str(ROOT / "experiments/bench_cost.py"), "--device", "cpu", "--tiny",
-                        "--nsamples", "8", "--seqlen", "32", "--eval-tokens", "32", "--epochs", "1", *args,
+                        "--nsamples", "8", "--seqlen", "32", "--eval-tokens", "32", "--epochs", "1",
+                        "--eval-rounds", "1", *args,
                         "--profile-dir", str(prof), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -65,3 +66,26 @@ def test_rows_go_only_to_a_file_with_the_same_columns(tmp_path):
     old.write_text("timestamp,bench,metric,value\n")
     with pytest.raises(SystemExit, match="other columns"):
         append_rows(old, [{"bench": "cost", "metric": "x", "value": 1}])
+
+
+def test_paired_timing_cancels_the_hosts_drift():
+    """The fake-quant and bf16 forwards are timed in alternation, and the overhead is the median of the rounds'
+    ratios: a host whose speed changes between rounds (here 1x, 3x, 1.5x, 4x, 1x) still gives the true ratio."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_cost import extrapolated_ratio, paired_ratio, paired_times
+
+    speeds = iter([1.0, 1.0, 3.0, 3.0, 1.5, 1.5, 4.0, 4.0, 1.0, 1.0])  # one per call: both of a round alike
+
+    class Probe:
+        def __init__(self, total, layers):
+            self.total, self.layers, self.calls = total, layers, 0
+
+        def time(self, model, ids, repeats):
+            s = next(speeds)
+            self.calls += 1
+            return self.total * s, self.layers * s, f"speed {s}"
+
+    q, b = Probe(total=5.0, layers=4.0), Probe(total=3.0, layers=2.0)
+    got_q, got_b = paired_times(q, None, b, None, None, rounds=5)
+    assert q.calls == b.calls == 5 and [g[2] for g in got_q] == [g[2] for g in got_b]  # alternated, same speeds
+    assert paired_ratio(got_q, got_b, k=4, L=32) == pytest.approx(extrapolated_ratio(5.0, 4.0, 3.0, 2.0, 4, 32))
