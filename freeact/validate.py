@@ -196,8 +196,8 @@ def check_keys(cfg: DictConfig) -> None:
 
 def resolve_method(cfg: DictConfig, explicit: Iterable[str] = ()) -> MethodSettings:
     """Complete ``cfg.method`` with its defaults and the ``all_methods`` settings it has, check it (token-type
-    names against ``cfg.model.family`` too), and write the result back (what the row records); ``all_methods`` is then dropped. ``explicit``: the
-    ``method.<key>`` set on the command line (they win over ``all_methods``)."""
+    names against ``cfg.model.family`` too), and write the result back (what the row records); ``all_methods``
+    is then dropped. ``explicit``: the ``method.<key>`` set on the command line (they win over ``all_methods``)."""
     raw = OmegaConf.to_container(cfg.method, resolve=True)
     shared = OmegaConf.to_container(cfg.all_methods, resolve=True) if cfg.get("all_methods") else {}
     try:

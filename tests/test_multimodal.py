@@ -697,3 +697,16 @@ def test_eval_lmms_rejects_what_cannot_run(compose, tmp_path):
         with pytest.raises(ConfigError, match=match):
             validate(compose(["eval=lmms", *overrides]))
     validate(compose(["model=tiny_vlm", "eval=lmms", "eval.source=synthetic"]))  # records alone are enough
+
+
+def test_eval_lmms_without_lmms_eval_is_a_config_error(compose, monkeypatch):
+    """Where lmms-eval is not installed (``pip install -e .[dev]`` alone), eval=lmms is refused before the model
+    loads, with the install line."""
+    import freeact.eval.lmms_bridge as bridge
+    from freeact.config import ConfigError
+    from freeact.validate import validate
+
+    monkeypatch.setattr(bridge, "lmms_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"eval=lmms needs lmms-eval: pip install -e \"\.\[lmms\]\" && pip install "
+                                          r"--no-deps lmms-eval==0\.7\.3"):
+        validate(compose(["model=tiny_vlm", "eval=lmms", "eval.source=synthetic"]))
