@@ -693,6 +693,12 @@ def test_eval_lmms_rejects_what_cannot_run(compose, tmp_path):
              ("model=tiny_vlm", f"eval.source={tmp_path}/none"): "eval.source",
              ("model=tiny_vlm", "eval.tasks=[x]", f"eval.include_path={tmp_path}",
               "eval.include_defaults=false"): "task 'x' is not in include_path"}
+    gone = tmp_path / "gone_tasks"  # a task whose documents are not there: refused before the model loads
+    gone.mkdir()
+    (gone / "gone.yaml").write_text(TASK_YAML.replace("task: my_vqa", "task: gone").format(data=tmp_path / "no.jsonl"))
+    (gone / "utils.py").write_text(TASK_UTILS.format(root=str(tmp_path)))
+    cases[("model=tiny_vlm", "eval.tasks=[gone]", f"eval.include_path={gone}", "eval.include_defaults=false")] = \
+        "task 'gone' cannot load its documents: FileNotFoundError"
     for overrides, match in cases.items():
         with pytest.raises(ConfigError, match=match):
             validate(compose(["eval=lmms", *overrides]))

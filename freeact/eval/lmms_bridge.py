@@ -353,13 +353,49 @@ def check_lmms_settings(ecfg) -> None:
         raise ValueError(f"eval=lmms needs lmms-eval: {LMMS_INSTALL}")
     if tasks:
         inc = str(Path(inc).expanduser().resolve()) if inc else None
-        known = task_manager(inc, bool(ecfg.get("include_defaults", True))).all_tasks
+        manager = task_manager(inc, bool(ecfg.get("include_defaults", True)))
+        known = manager.all_tasks
         for t in tasks:
             if t not in known:
                 near = difflib.get_close_matches(t, known, n=3)
                 where = f"include_path={inc}" + ("" if not ecfg.get("include_defaults", True) else " or lmms-eval")
                 raise ValueError(f"task {t!r} is not in {where if inc else 'lmms-eval'}"
                                  + (f" (did you mean {', '.join(near)}?)" if near else ""))
+        for t in tasks:
+            check_task_data(t, manager)
+
+
+def check_task_data(task: str, manager) -> None:
+    """Build ``task`` as the evaluation will (its documents loaded by ``datasets``), so that data missing
+    offline fails before the model loads, as one line naming the task and the cause. The evaluation builds it
+    again: from the cache, which this leaves filled."""
+    from lmms_eval.tasks import get_task_dict
+
+    try:
+        with quiet_lmms(progress=False):
+            get_task_dict([task], manager, "simple")
+    except Exception as e:  # lmms-eval wraps the cause (tenacity's RetryError around a ConnectionError, ...)
+        cause = _root_cause(e)
+        hint = ("; offline, its dataset must be in the Hugging Face cache (load it once where there is a network) "
+                "or be given as a local task YAML under eval.include_path"
+                if isinstance(cause, ConnectionError) or any(w in str(cause).lower() for w in ("offline", "not cached"))
+                else "")
+        raise ValueError(f"task {task!r} cannot load its documents: {type(cause).__name__}: "
+                         f"{' '.join(str(cause).split())[:300]}{hint}") from None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain, through tenacity's ``RetryError`` (its last attempt's exception)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        last = getattr(e, "last_attempt", None)
+        inner = last.exception() if last is not None and hasattr(last, "exception") else None
+        inner = inner or e.__cause__ or e.__context__
+        if inner is None:
+            break
+        e = inner
+    return e
 
 
 def run_lmms_config(model, processor, ecfg, device="cpu", progress: bool = True) -> dict:
