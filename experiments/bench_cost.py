@@ -555,7 +555,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     summary = dict(model=model_name, method=method, streaming=streaming, k=k, L=L, per_layer=full_layer,
                    total=total_x, wall=wall, peak=peak / GB, peak_x=peak_x / GB, ratio=ratio_x, ratio_f=ratio_fx,
                    ratio_g=ratio_gx,
-                   layer_ratio=l_q / l_b, info_keys=len(info), profiled=prof is not None)
+                   layer_ratio=l_q / l_r, info_keys=len(info), profiled=prof is not None)
     del model, adapter, ctx
     gc.collect()
     if cuda:

@@ -109,8 +109,9 @@ def _check_multimodal_source(cfg: DictConfig, key: str) -> None:
 
 
 def _check_lmms(cfg: DictConfig) -> None:
-    """``eval=lmms``: a VLM, its optional records source, the task settings and names (lmms-eval's index)."""
-    from .eval.lmms_bridge import check_lmms_settings
+    """``eval=lmms``: a VLM, its optional records source, the task settings and names (lmms-eval's index), and
+    that each named task's documents load."""
+    from .eval.lmms_bridge import check_lmms_settings, check_task_data
 
     _check(cfg.model.family == "vlm", f"eval=lmms runs image-text tasks: it needs a vision-language model "
                                       f"(model.family=vlm), got model.family={cfg.model.family!r}")
@@ -118,6 +119,7 @@ def _check_lmms(cfg: DictConfig) -> None:
         _check_multimodal_source(cfg, "eval")
     try:
         check_lmms_settings(cfg.eval)
+        check_task_data(cfg.eval)
     except ValueError as e:
         raise ConfigError(f"eval: {e}") from None
 

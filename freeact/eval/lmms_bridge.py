@@ -328,10 +328,17 @@ def run_lmms_eval(model, processor, tasks: list, limit: int | None = None, batch
 
 
 # -- the eval=lmms config ---------------------------------------------------------------------------
+def _index_of(ecfg) -> tuple[str | None, bool]:
+    """``(include_path resolved, include_defaults)`` of an ``eval=lmms`` config: the key of its task index."""
+    inc = ecfg.get("include_path")
+    return (str(Path(inc).expanduser().resolve()) if inc else None), bool(ecfg.get("include_defaults", True))
+
+
 def check_lmms_settings(ecfg) -> None:
     """Raise ValueError on settings of an ``eval=lmms`` config that cannot run, before the model loads: the
     values first, then whether lmms-eval imports, then the task names against its index (``include_path``'s
-    YAMLs, and its own library unless ``include_defaults`` is false)."""
+    YAMLs, and its own library unless ``include_defaults`` is false). Whether each task's documents load is
+    :func:`check_task_data` (the config check runs both; the evaluation, after it, only this one)."""
     tasks = list(ecfg.get("tasks") or [])
     if not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks={tasks} must be a list of lmms-eval task names")
@@ -352,36 +359,38 @@ def check_lmms_settings(ecfg) -> None:
     if not lmms_available():
         raise ValueError(f"eval=lmms needs lmms-eval: {LMMS_INSTALL}")
     if tasks:
-        inc = str(Path(inc).expanduser().resolve()) if inc else None
-        manager = task_manager(inc, bool(ecfg.get("include_defaults", True)))
-        known = manager.all_tasks
+        inc, defaults = _index_of(ecfg)
+        known = task_manager(inc, defaults).all_tasks
+        where = (f"include_path={inc}" + (" or lmms-eval" if defaults else "")) if inc else "lmms-eval"
         for t in tasks:
             if t not in known:
                 near = difflib.get_close_matches(t, known, n=3)
-                where = f"include_path={inc}" + ("" if not ecfg.get("include_defaults", True) else " or lmms-eval")
-                raise ValueError(f"task {t!r} is not in {where if inc else 'lmms-eval'}"
-                                 + (f" (did you mean {', '.join(near)}?)" if near else ""))
-        for t in tasks:
-            check_task_data(t, manager)
+                also = f" (did you mean {', '.join(near)}?)" if near else ""
+                raise ValueError(f"task {t!r} is not in {where}{also}")
 
 
-def check_task_data(task: str, manager) -> None:
-    """Build ``task`` as the evaluation will (its documents loaded by ``datasets``), so that data missing
-    offline fails before the model loads, as one line naming the task and the cause. The evaluation builds it
-    again: from the cache, which this leaves filled."""
+def check_task_data(ecfg) -> None:
+    """Build each named task of an ``eval=lmms`` config as the evaluation will (its documents loaded by
+    ``datasets``), so that data missing offline fails before the model loads, as one line naming the task and
+    the cause. The evaluation builds them again: from the cache, which this leaves filled."""
     from lmms_eval.tasks import get_task_dict
 
-    try:
-        with quiet_lmms(progress=False):
-            get_task_dict([task], manager, "simple")
-    except Exception as e:  # lmms-eval wraps the cause (tenacity's RetryError around a ConnectionError, ...)
-        cause = _root_cause(e)
-        hint = ("; offline, its dataset must be in the Hugging Face cache (load it once where there is a network) "
-                "or be given as a local task YAML under eval.include_path"
-                if isinstance(cause, ConnectionError) or any(w in str(cause).lower() for w in ("offline", "not cached"))
-                else "")
-        raise ValueError(f"task {task!r} cannot load its documents: {type(cause).__name__}: "
-                         f"{' '.join(str(cause).split())[:300]}{hint}") from None
+    tasks = list(ecfg.get("tasks") or [])
+    if not tasks:  # records alone: no index to build
+        return
+    manager = task_manager(*_index_of(ecfg))
+    for task in tasks:
+        try:
+            with quiet_lmms(progress=False):
+                get_task_dict([task], manager, "simple")
+        except Exception as e:  # lmms-eval wraps the cause (tenacity's RetryError around a ConnectionError, ...)
+            cause = _root_cause(e)
+            offline = (isinstance(cause, ConnectionError)
+                       or any(w in str(cause).lower() for w in ("offline", "not cached")))
+            hint = ("; offline, its dataset must be in the Hugging Face cache (load it once where there is a "
+                    "network) or be given as a local task YAML under eval.include_path" if offline else "")
+            raise ValueError(f"task {task!r} cannot load its documents: {type(cause).__name__}: "
+                             f"{' '.join(str(cause).split())[:300]}{hint}") from None
 
 
 def _root_cause(e: BaseException) -> BaseException:
@@ -407,9 +416,7 @@ def run_lmms_config(model, processor, ecfg, device="cpu", progress: bool = True)
     if ecfg.get("source"):
         folder = resolve_source(ecfg.source, ecfg.get("nsamples"), ecfg.seed)
         tasks += local_tasks(folder, max_new_tokens=ecfg.max_new_tokens)
-    inc = ecfg.get("include_path")
+    inc, defaults = _index_of(ecfg)
     return run_lmms_eval(model, processor, tasks, limit=ecfg.get("limit"), batch_size=ecfg.batch_size,
-                         max_new_tokens=ecfg.max_new_tokens, device=device,
-                         include_path=str(Path(inc).expanduser().resolve()) if inc else None,
-                         include_defaults=bool(named) and bool(ecfg.get("include_defaults", True)),
-                         progress=progress, seed=ecfg.seed)
+                         max_new_tokens=ecfg.max_new_tokens, device=device, include_path=inc,
+                         include_defaults=bool(named) and defaults, progress=progress, seed=ecfg.seed)
