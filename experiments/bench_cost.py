@@ -650,7 +650,7 @@ def main(argv=None) -> None:
           f"{base['transformers']} | {args.nsamples}x{args.seqlen} calibration tokens, {args.layers} layer(s) timed, "
           f"epochs {args.epochs} | {args.tf32_state}")
     t0 = time.time()
-    summaries, skipped = [], []
+    summaries, skipped, failed = [], [], []
     for method in args.methods.split(","):
         for model_name in args.models.split(","):
             if time.time() - t0 > args.budget_s:
@@ -664,6 +664,7 @@ def main(argv=None) -> None:
 
                 traceback.print_exc()
                 print(f"{model_name}/{method}: FAILED ({type(e).__name__}: {str(e)[:300]})", flush=True)
+                failed.append(f"{model_name}/{method}")
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
@@ -681,6 +682,8 @@ def main(argv=None) -> None:
     recorded = sum(not s["profiled"] for s in summaries)
     print(f"{recorded} measurement(s) appended to {args.out}; {time.time() - t0:.0f} s")
     print_table(summaries)
+    if failed:  # the others' rows are written; the exit status says that some are missing
+        raise SystemExit(f"{len(failed)} measurement(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
