@@ -357,3 +357,30 @@ def test_seed_changes_calibration_windows_masks_and_initial_transforms(tokenizer
     m = FreeAct()
     assert not torch.equal(torch.randn(4, generator=m._generator(ctx0, 0, 0)),
                            torch.randn(4, generator=m._generator(ctx1, 0, 0)))
+
+
+@pytest.mark.parametrize("with_post", [False, True])
+def test_zeroed_energy_through_the_factors_is_the_dense_definition(with_post):
+    """The logged energies use ``X -> X M`` by the site's own structure; they must equal the definition
+    ``diag(M^T C M)`` with the dense ``M`` (float64), for a Kronecker site with a scale and with a post-rotation."""
+    from freeact.transforms.typed import zeroed_energy
+
+    g = torch.Generator().manual_seed(0)
+    d = 24
+    site = AffineSite(d, "invertible", "kronecker", scale=torch.rand(d, generator=g, dtype=torch.float64) + 0.5,
+                      generator=g, post_init=random_orthogonal(d, g) if with_post else None, dtype=torch.float64)
+    fr = site.frozen()
+    M = AffineSite.frozen_act_matrix(fr)
+    X = torch.randn(3, d, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(AffineSite.apply_frozen_act(fr, X), X @ M, rtol=1e-12, atol=1e-12)
+    A = torch.randn(2, 50, d, dtype=torch.float64, generator=g)
+    covs = A.transpose(1, 2) @ A
+    owner = owner_from_ranks(d, [3, 5])
+    fast = zeroed_energy(M, owner, covs, right=lambda C: AffineSite.apply_frozen_act(fr, C))
+    dense = zeroed_energy(M, owner, covs)
+    for j in range(2):
+        E = torch.diagonal(M.T @ covs[j] @ M)
+        other = (owner >= 0) & (owner != j)
+        ref = float(E[other].sum() / E.sum())
+        assert 0 < ref < 1
+        assert fast[j] == pytest.approx(ref, rel=1e-12) and dense[j] == pytest.approx(ref, rel=1e-12)

@@ -118,8 +118,8 @@ class FreeAct(FlatQuant):
             basis = typed_basis(covs, ranks, present=present, mix=bool(self.cfg["spectral_mix"]), generator=generator)
         return ranks, basis
 
-    def _energies(self, when: str, M: torch.Tensor, owner, covs, present) -> dict:
-        vals = zeroed_energy(M, owner, covs, present)
+    def _energies(self, when: str, M: torch.Tensor, owner, covs, present, right=None) -> dict:
+        vals = zeroed_energy(M, owner, covs, present, right)
         return {f"energy_{when}.{n}": round(v, 6) for n, v in zip(self.token_types.names, vals) if v is not None}
 
     def make_site(self, ctx, i: int, site_name: str, block, stats, scale, slot: int):
@@ -151,8 +151,9 @@ class FreeAct(FlatQuant):
         site = TypeMask(inner, owner, self.token_types)
         site.info = {"ranks": "/".join(map(str, ranks))}
         if covs is not None:
-            M = AffineSite.frozen_act_matrix(inner.frozen())
-            site.info.update(self._energies("init", M, owner, covs, present))
+            fr = inner.frozen()
+            site.info.update(self._energies("init", AffineSite.frozen_act_matrix(fr), owner, covs, present,
+                                            lambda C: AffineSite.apply_frozen_act(fr, C)))
             site.energy_stats = (covs, present)
         return site
 
@@ -164,8 +165,10 @@ class FreeAct(FlatQuant):
             out = {}
             for name, site in typed.items():
                 covs, present = site.energy_stats
-                M = AffineSite.frozen_act_matrix(frozen[name])
-                out.update({f"{name}.{k}": v for k, v in self._energies("final", M, site.owner, covs, present).items()})
+                fr = frozen[name]
+                vals = self._energies("final", AffineSite.frozen_act_matrix(fr), site.owner, covs, present,
+                                      lambda C: AffineSite.apply_frozen_act(fr, C))
+                out.update({f"{name}.{k}": v for k, v in vals.items()})
                 del site.energy_stats  # (num_types, d, d) float64: not kept past the layer
             return out
 
