@@ -29,7 +29,7 @@ dream_quarot $B --models dream_7b --methods quarot --layers 1 --profile-eval 15
 dream_freeact $B --models dream_7b --methods freeact --layers 4 --epochs 15 --compile $C --profile-eval 15
 dream_flatquant $B --models dream_7b --methods flatquant --layers 4 --epochs 15 --compile $C --profile-eval 15
 kernels python3 experiments/bench_kernels.py --out $K/perf.csv
-calib_profile $B --models llada_8b --methods freeact --layers 1 --epochs 3 --compile $C --profile-calib 30
+calib_profile $B --models dream_7b --methods freeact --layers 1 --epochs 3 --compile $C --profile-calib 30
 llada_gptq $B --models llada_8b --methods gptq --layers 1
 dream_gptq $B --models dream_7b --methods gptq --layers 1
 llada_rtn $B --models llada_8b --methods rtn --layers 1
