@@ -384,3 +384,29 @@ def test_zeroed_energy_through_the_factors_is_the_dense_definition(with_post):
         ref = float(E[other].sum() / E.sum())
         assert 0 < ref < 1
         assert fast[j] == pytest.approx(ref, rel=1e-12) and dense[j] == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("block", [None, 4, 7])
+def test_type_covariance_by_upper_blocks_is_the_full_sum(block):
+    """Blocked accumulation (upper blocks, mirrored on read) equals ``sum x_k^T x_k`` per type in float64, also
+    when read between additions and when a type is absent from a batch."""
+    from freeact.transforms.typed import TypeCovariance
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 17, 3
+    acc = TypeCovariance(d, n, block=block)
+    ref = torch.zeros(n, d, d, dtype=torch.float64)
+    counts = [0] * n
+    for step in range(4):
+        x = torch.randn(5, 8, d, generator=g)
+        t = torch.randint(0, n - 1 if step == 1 else n, (5, 8), generator=g)
+        acc.add(x, t)
+        for k in range(n):
+            xk = x.reshape(-1, d)[t.reshape(-1) == k].double()
+            ref[k] += xk.T @ xk
+            counts[k] += len(xk)
+        if step == 2:
+            torch.testing.assert_close(acc.cov, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(acc.cov, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(acc.cov, acc.cov.transpose(-1, -2))
+    assert acc.count.tolist() == counts
