@@ -15,7 +15,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import EVAL_SCHEMAS, SCHEMAS, ConfigError, QuantSpecConfig, TextEvalConfig
+from .config import EVAL_SCHEMAS, SCHEMAS, ConfigError, MultimodalEvalConfig, QuantSpecConfig, TextEvalConfig
 from .config.methods import (FAMILY_TYPE_NAMES, FreeActSettings, MethodSettings, SettingsError, apply_all_methods,
                              as_dict, parse_settings)
 from .quant.spec import _ALIASES, GRANULARITIES, QuantSpec
@@ -277,6 +277,8 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     specs = {k: spec(cfg, k) for k in ("weight", "act", "kv")}
     _check(cfg.calib.nsamples > 0, f"calib.nsamples={cfg.calib.nsamples} must be > 0")
     _check(cfg.calib.seqlen > 1, f"calib.seqlen={cfg.calib.seqlen} must be > 1")
+    _check(cfg.calib.batch_size >= 1, f"calib.batch_size={cfg.calib.batch_size} must be >= 1")
+    _check(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     eval_schema = group_schema(cfg, "eval")
     expected = eval_schema.kind  # each eval schema's own kind
     _check(cfg.eval.kind == expected, f"eval.kind={cfg.eval.kind} does not fit eval={cfg.eval.name}, a {expected} "
@@ -292,8 +294,14 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
     if issubclass(eval_schema, TextEvalConfig):  # perplexity / ELBO, lm-eval tasks
         _check(cfg.eval.seqlen > 1, f"eval.seqlen={cfg.eval.seqlen} must be > 1")
         _check(cfg.eval.mc_num > 0, f"eval.mc_num={cfg.eval.mc_num} must be > 0")
+        _check(cfg.eval.max_chunks is None or cfg.eval.max_chunks >= 1,
+               f"eval.max_chunks={cfg.eval.max_chunks} must be >= 1 (null: every chunk)")
         _check(not cfg.eval.get("cuda_graph", False) or cfg.device.startswith("cuda"),
                f"eval.cuda_graph=true replays CUDA graphs: it needs device=cuda (device={cfg.device})")
+    if issubclass(eval_schema, MultimodalEvalConfig):
+        _check(cfg.eval.nsamples is None or cfg.eval.nsamples >= 1,
+               f"eval.nsamples={cfg.eval.nsamples} must be >= 1 (null: every record)")
+        _check(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     if cfg.eval.kind != "lmms" and cfg.eval.get("tasks"):  # lm-eval tasks; lmms-eval's are checked last
         from .eval.harness import check_task_settings
 

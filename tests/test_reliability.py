@@ -50,6 +50,11 @@ def run_cli(args, cwd, code=None, timeout=300):
     ("eval.cuda_graph=true device=cpu", "eval.cuda_graph=true replays CUDA graphs: it needs device=cuda (device=cpu)"),
     ("eval=text +eval.tasks=[freeact_mc]", "eval.tasks is not a setting of a text evaluation; eval=harness and eval=lmms have it"),
     ("model=llada_8b", "model.path=GSAI-ML/LLaDA-8B-Instruct is not in the Hugging Face cache"),
+    ("method=gptq calib.batch_size=0", "calib.batch_size=0 must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size=0 must be >= 1"),
+    ("eval.max_chunks=-1", "eval.max_chunks=-1 must be >= 1 (null: every chunk)"),
+    ("model=tiny_vlm eval=mm_easyvqa eval.max_new_tokens=0", "eval.max_new_tokens=0 must be >= 1"),
+    ("model=tiny_vlm eval=mm_easyvqa eval.nsamples=0", "eval.nsamples=0 must be >= 1 (null: every record)"),
 ])
 def test_bad_value_one_line_exit_2_no_row_no_run_folder(tmp_path, override, message):
     results = tmp_path / "res" / "runs.csv"
