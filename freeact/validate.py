@@ -260,6 +260,11 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
         _check(cfg.device == "auto" and __import__("torch").cuda.is_available(),
                f"method.cuda_graph=true needs a CUDA device (device={cfg.device}); use auto or false")
     _writable_file("results_file", cfg.results_file)
+    if cfg.method.get("save_rotations"):  # SpinQuant: written after the training, so checked before it
+        _writable_file("method.save_rotations", cfg.method.save_rotations)
+    if cfg.method.get("load_rotations"):
+        _check(Path(cfg.method.load_rotations).expanduser().is_file(),
+               f"method.load_rotations={cfg.method.load_rotations} does not exist")
     m = cfg.model
     _check(m.family in FAMILIES, f"model.family={m.family!r} must be one of {FAMILIES}")
     _check(m.source in SOURCES, f"model.source={m.source!r} must be one of {SOURCES}")

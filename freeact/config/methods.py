@@ -154,6 +154,7 @@ class SpinQuantSettings(QuaRotSettings):
         _choice(self, "amp", ("auto", "bf16", "off"))  # fp16 would need loss scaling of float64 rotations
         _need(self.steps >= 0, f"method.steps={self.steps} must be >= 0")
         _need(self.lr > 0, f"method.lr={self.lr} must be > 0")
+        _need(0 <= self.momentum < 1, f"method.momentum={self.momentum} must be in [0, 1)")
         _need(self.train_batch_size is None or self.train_batch_size > 0,
               f"method.train_batch_size={self.train_batch_size} must be > 0 (or null)")
         _auto_bool(self, "train_weight_quant")
