@@ -308,10 +308,11 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
                f"eval.nsamples={cfg.eval.nsamples} must be >= 1 (null: every record)")
         _check(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     if cfg.eval.kind != "lmms" and cfg.eval.get("tasks"):  # lm-eval tasks; lmms-eval's are checked last
-        from .eval.harness import check_task_settings
+        from .eval.harness import check_task_names, check_task_settings
 
         try:
             check_task_settings(cfg.eval)
+            check_task_names(cfg.eval)
         except ValueError as e:
             raise ConfigError(f"eval: {e}") from None
     _check(0 <= cfg.calib.mask_t_min <= cfg.calib.mask_t_max <= 1,

@@ -271,3 +271,21 @@ def test_harness_config_validates_and_runs_through_the_experiment(compose, tmp_p
     row, _ = run_experiment(cfg, validate(cfg), "test")
     assert 0.0 <= row["freeact_mc.acc"] <= 1.0 and row["freeact_mc.n"] == 2
     assert not any(k.startswith("wiki.") for k in row)  # text: false skips the text metric
+
+
+def test_unknown_task_names_are_refused_with_their_near_misses(tmp_path):
+    """A misspelt task fails validation (before any model loads) with lm-eval's close names; shipped and
+    include_path tasks pass without scanning lm-eval's library."""
+    from freeact.eval.harness import check_task_names, local_tasks
+
+    user = tmp_path / "tasks"
+    user.mkdir()
+    src = next(TASKS_DIR.glob("*.yaml"))
+    (user / "mine.yaml").write_text(src.read_text().replace(f"task: {yaml.safe_load(src.read_text())['task']}",
+                                                            "task: my_local_task"))
+    assert "my_local_task" in local_tasks(user)
+    check_task_names(SimpleNamespace(tasks=["freeact_mc", "my_local_task"], include_path=str(user)))
+    with pytest.raises(ValueError, match=r"task 'freeact_mcc' is not in lm-eval \(did you mean freeact_mc"):
+        check_task_names(SimpleNamespace(tasks=["freeact_mc", "freeact_mcc"], include_path=None))
+    with pytest.raises(ValueError, match=r"task 'zzzq' is not in lm-eval; the offline tasks are \["):
+        check_task_names(SimpleNamespace(tasks=["zzzq"], include_path=None))

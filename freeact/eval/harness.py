@@ -23,6 +23,7 @@ is taken as consent (lm-eval's ``confirm_run_unsafe_code``).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -191,27 +192,20 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
                  block_length, remasking, seed, include_path, bootstrap_iters, progress, return_raw,
                  gen_options=None, likelihood="auto") -> dict:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    local = set(local_task_names())
-    if include_path:
-        local |= set(local_task_names(Path(include_path)))
     lm = make_lm(model, adapter, tokenizer, batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
                  block_length=block_length, remasking=remasking, seed=seed, progress=progress,
                  gen_options=gen_options if adapter.objective == "mdm" else None, likelihood=likelihood)
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory(prefix="freeact_tasks_") as tmp:
-            paths = [str(materialize_tasks(Path(tmp) / "freeact"))]
-            if include_path:
-                paths.append(str(materialize_tasks(Path(tmp) / "user", Path(include_path))))
-            manager = TaskManager(include_path=paths, include_defaults=not set(tasks) <= local)
+        with task_index(tasks, include_path) as manager:
             unknown = [t for t in tasks if t not in manager.all_tasks]
             if unknown:
-                raise ValueError(f"unknown lm-eval task(s) {unknown}; the offline tasks are {sorted(local)}")
+                raise ValueError(f"unknown lm-eval task(s) {unknown}; "
+                                 f"the offline tasks are {sorted(local_tasks(include_path))}")
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 gen_kwargs=None if adapter.objective == "mdm" else {"max_gen_toks": gen_length},
@@ -220,6 +214,45 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
     finally:
         model.train(was_training)
     return out if return_raw else flatten_results(out)
+
+
+def local_tasks(include_path=None) -> set[str]:
+    """The shipped offline tasks and those of ``include_path``'s YAMLs."""
+    local = set(local_task_names())
+    if include_path:
+        local |= set(local_task_names(Path(include_path).expanduser()))
+    return local
+
+
+@contextlib.contextmanager
+def task_index(tasks, include_path=None):
+    """lm-eval's ``TaskManager`` over the shipped tasks, ``include_path``'s and, unless every one of ``tasks`` is
+    local, lm-eval's own library (a scan of seconds); the task files live until the block ends."""
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="freeact_tasks_") as tmp:
+        paths = [str(materialize_tasks(Path(tmp) / "freeact"))]
+        if include_path:
+            paths.append(str(materialize_tasks(Path(tmp) / "user", Path(include_path).expanduser())))
+        yield TaskManager(include_path=paths, include_defaults=not set(tasks) <= local_tasks(include_path))
+
+
+def check_task_names(ecfg) -> None:
+    """Raise ValueError, with the near misses, for a task of ``ecfg.tasks`` that lm-eval does not know (checked
+    once, by :func:`freeact.validate.validate`, before the model loads)."""
+    tasks, inc = list(_opt(ecfg, "tasks") or []), _opt(ecfg, "include_path")
+    if set(tasks) <= local_tasks(inc):
+        return
+    with offline_defaults():
+        for name in ("lm_eval", "lm-eval"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with task_index(tasks, inc) as manager:
+            known = list(manager.all_tasks)
+    for t in tasks:
+        if t not in known:
+            near = difflib.get_close_matches(t, known, n=3, cutoff=0.6)
+            raise ValueError(f"task {t!r} is not in lm-eval" + (f" (did you mean {', '.join(near)}?)" if near else
+                                                               f"; the offline tasks are {sorted(local_tasks(inc))}"))
 
 
 def _opt(ecfg, key: str, default=None):
