@@ -59,6 +59,20 @@ def _resolve_package_path(key: str, path: str) -> str:
         raise ConfigError(f"{key}: {e}") from None
 
 
+_ARCH_COUNT = re.compile(r"(^num_|_size$|_layers$|_heads$|^depth$|_embeddings$)")
+
+
+def _check_tiny_arch(arch, prefix: str) -> None:
+    """No number of a tiny model's architecture (nested: a VLM's ``text_config``, ``vision_config``) is negative,
+    and its sizes and counts are positive."""
+    for k, v in (arch or {}).items():
+        if isinstance(v, dict):
+            _check_tiny_arch(v, f"{prefix}.{k}")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            _check(v >= 0, f"{prefix}.{k}={v} must be >= 0")
+            _check(v > 0 or not _ARCH_COUNT.search(k), f"{prefix}.{k}={v} must be > 0")
+
+
 def model_widths(m) -> dict:
     """hidden / intermediate / head dims of the configured model, read without loading weights."""
     if m.source == "tiny":
@@ -328,6 +342,8 @@ def validate(cfg: DictConfig, explicit_method_keys: Iterable[str] = ()) -> dict[
         _check_text_source(cfg, key)
     _check(cfg.logger.mode in ("offline", "online", "disabled"),
            f"logger.mode={cfg.logger.mode!r} must be offline, online or disabled")
+    if m.source == "tiny":  # the architecture is given here: sizes, counts and epsilons must be positive
+        _check_tiny_arch(OmegaConf.to_container(m.arch), "model.arch")
     try:
         widths = model_widths(m)
     except (OSError, KeyError, TypeError) as e:
