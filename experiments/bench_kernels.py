@@ -7,7 +7,8 @@
    and of the kernel alone (replayed from a CUDA graph: the default, the other path (the fused kernel, or two
    GEMMs + the row-quant kernel: ``tuned_tiling``'s ``path``), and each alternative of the fused kernel's
    tokens per program, warps and, for two-pass tiles, column blocks; for tiles up to 64 x 64 the ``batched``
-   path, blocks of 2-8 tokens per program), speed-up, and the achieved bandwidth
+   path, blocks of 2-8 tokens per program; for single-pass tiles the ``persistent`` path, 2-8 programs per
+   multiprocessor and 1-3 pipelining stages), speed-up, and the achieved bandwidth
    (one bf16 read + one bf16 write per element) as a share of the assumed peak.
 2. ``fwht``: the Triton Walsh-Hadamard transform against ``fast_hadamard_transform`` (torch).
 3. ``w8a8``: a prefill linear ``(tokens x K) @ (K x N)``: bf16 ``F.linear`` against W8A8 with the
@@ -196,6 +197,9 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             if tile["DL"] * tile["DR"] <= MAX_BATCHED_TILE:  # the block-of-tokens variant of the kernel
                 choices += [(f"batched{t}w{w}", {"path": "batched", "tokens_per_prog": t, "num_warps": w})
                             for t in (2, 4, 8) for w in (4, 8)]
+            if tile["passes"] == 1:  # persistent programs striding over the tokens, pipelined token loop
+                choices += [(f"persistent{p}s{st}", {"path": "persistent", "programs_per_sm": p, "stages": st})
+                            for p in (2, 4, 8) for st in (1, 2, 3)]
             per_choice = {}
             for name, tuning in choices:
                 try:

@@ -308,13 +308,18 @@ def test_two_pass_tiles_take_the_gemm_path_by_default():
     row-quant kernel; single-pass tiles keep the fused kernel; either can be asked for."""
     assert tuned_tiling(128, 148)["path"] == "gemm" and tuned_tiling(64, 64)["path"] == "kernel"
     assert tuned_tiling(64, 64, {"path": "gemm"})["path"] == "gemm"
-    with pytest.raises(ValueError, match="path must be one of kernel, batched, gemm"):
+    with pytest.raises(ValueError, match="path must be one of kernel, batched, persistent, gemm"):
         tuned_tiling(64, 64, {"path": "cublas"})
     assert tuned_tiling(56, 64, {"path": "batched", "tokens_per_prog": 8})["path"] == "batched"
     with pytest.raises(ValueError, match="path batched takes padded tiles up to 4096"):
         tuned_tiling(96, 128, {"path": "batched"})
     with pytest.raises(ValueError, match="power of two tokens per program"):
         tuned_tiling(64, 64, {"path": "batched", "tokens_per_prog": 3})
+    assert tuned_tiling(112, 128, {"path": "persistent", "programs_per_sm": 2, "stages": 3})["stages"] == 3
+    with pytest.raises(ValueError, match="path persistent takes single-pass tiles"):
+        tuned_tiling(128, 148, {"path": "persistent"})
+    with pytest.raises(ValueError, match="stages must be >= 1"):
+        tuned_tiling(64, 64, {"path": "persistent", "stages": 0})
 
 
 def test_row_quant_rejects_bad_inputs_and_passes_16_bits_through():
@@ -492,6 +497,11 @@ def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
         if kernel_tiling(d_l, d_r)["DL"] * kernel_tiling(d_l, d_r)["DR"] <= 4096:  # the batched path too
             op_b = KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning={"path": "batched"})
             _assert_fake_quant_close(op_b(x, types, bits, clip, backend="triton"), ref, bits, clip)
+        if kernel_tiling(d_l, d_r)["passes"] == 1:  # persistent programs: the token loop's math, bit for bit
+            for stages in (1, 3):
+                op_p = KronActQuant(P_l, P_r, in_scale=s, masks=masks,
+                                    tuning={"path": "persistent", "programs_per_sm": 1, "stages": stages})
+                assert torch.equal(op_p(x, types, bits, clip, backend="triton"), out)
     y = fused_act_quant(x, P_l, P_r, masks, types, bits=16, backend="triton", in_scale=s)
     y64 = act_quant_eager(*args64, bits=16, in_scale=s.double())
     tol = 1e-5 if exact else 2e-2

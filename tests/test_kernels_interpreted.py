@@ -1,6 +1,7 @@
 """The Triton kernels themselves, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``, float32),
 against the eager math they replace: the fused Kronecker transform + type mask + per-token quantization in
-its three modes, with one and several tokens per program (a token count that is no multiple of it), padded
+its three modes, with one and several tokens per program (a token count that is no multiple of it), persistent
+programs striding over the tokens, padded
 factors, a two-pass tile (column blocks chosen through ``tuning``), the non-power-of-two Hadamard through the kernel,
 and the per-token quantizer without a transform. The interpreter must be
 chosen before Triton compiles anything, so each case runs in a fresh Python process. Skipped without Triton
@@ -78,6 +79,14 @@ CHECK = textwrap.dedent("""
             cb, sb = op_b.int8(x, types, clip=0.9, bits=4, backend="triton")
             out["batched_codes_vs_kernel"] = int((cb.int() - codes.int()).abs().max())
             out["batched_scales_rel"] = float(((sb - scales).abs() / scales).max())
+            op_p = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks,
+                                   tuning={"path": "persistent", "programs_per_sm": 1, "stages": 2})
+            yp = op_p(x, types, bits=16, backend="triton")
+            out["persistent_transform_rel"] = float((yp - y_ref).norm() / y_ref.norm())
+            qp = op_p(x, types, bits=4, clip=0.9, backend="triton")
+            out["persistent_equals_kernel"] = bool(torch.equal(qp, q))
+            cp, sp = op_p.int8(x, types, clip=0.9, bits=4, backend="triton")
+            out["persistent_int8_equals_kernel"] = bool(torch.equal(cp, codes) and torch.equal(sp, scales))
         out["untouched"] = bool(torch.isfinite(q).all() and torch.isfinite(y).all())
     print("RESULT " + json.dumps(out))
 """)
@@ -111,6 +120,9 @@ def test_act_kernel_matches_eager_under_the_interpreter(case):
     if case.get("BN") is None:  # the batched path: the same math, tokens in blocks of tpp
         assert r["batched_transform_rel"] < 1e-5 and r["batched_fake_max_steps"] <= 1.0 + 1e-4
         assert r["batched_codes_vs_kernel"] <= 1 and r["batched_scales_rel"] < 1e-5
+        # persistent programs (2 of them here, striding over the tokens): the token loop's very math
+        assert r["persistent_transform_rel"] < 1e-5
+        assert r["persistent_equals_kernel"] and r["persistent_int8_equals_kernel"]
 
 
 def test_non_power_of_two_hadamard_kernel_under_the_interpreter():

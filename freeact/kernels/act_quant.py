@@ -38,6 +38,10 @@ says it is faster): the same math for ``TB`` tokens at once, ``P_l^T X`` as one 
 ``(TB, DL, DR)`` block and ``Z P_r`` as one ``(TB * DL) x DR`` dot, so each program has a whole block of loads
 in flight and larger dots than the token-by-token loop.
 
+**Persistent programs** (``tuning={"path": "persistent"}``, single-pass tiles, not the default until a GPU says it
+is faster): a fixed grid of a few programs per multiprocessor strides over the tokens, the factors loaded once
+per program, the token loop a ``tl.range`` with software-pipelining stages.
+
 **Calling it.** :func:`fused_act_quant` converts the small operands (``P_l^T``, ``P_r``, scale, masks)
 to the input dtype at every call; :class:`KronActQuant` keeps them converted, so repeated calls launch
 the kernel alone (what :class:`FusedInputQuantizer`, :class:`~freeact.kernels.int8.Int8Linear`, the
@@ -74,7 +78,9 @@ MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
 MAX_TILE = 32768  # the largest padded tile run (two passes): FlatQuant's 128 x 148 at d = 18944, bf16, H200
 MAX_BATCHED_TILE = 4096  # path "batched": padded tiles up to 64 x 64 (d = 4096, 3584), TB of them in registers
 BATCHED_TOKENS = 4  # path "batched": tokens per program unless tuning's tokens_per_prog says otherwise
-PATHS = ("kernel", "batched", "gemm")
+PATHS = ("kernel", "batched", "persistent", "gemm")
+PERSISTENT_PROGRAMS = 4  # path "persistent": programs per multiprocessor unless tuning's programs_per_sm says
+PERSISTENT_STAGES = 2  # path "persistent": software-pipelining stages of the token loop unless tuning's stages says
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -261,6 +267,41 @@ if triton is not None:
             tl.store(o_ptr + row_o + flat, q.to(tl.int8), mask=omask)
 
     @triton.jit
+    def _z_of(x, plt, sv, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr):
+        """``Z = P_l^T (x * scale)`` of one token's tile, as the input dtype's hi (and, with ``SPLIT_Z``, lo)
+        words for the second product (float32 inputs: ``Z`` itself, IEEE)."""
+        if HAS_SCALE:
+            x = (x.to(tl.float32) * sv).to(x.dtype)
+        if DOT_F32:
+            z = tl.dot(plt, x, input_precision="ieee")
+            zc = z
+            zlo = z
+        else:
+            z = tl.dot(plt, x)
+            zc = z.to(x.dtype)
+            zlo = zc
+            if SPLIT_Z:
+                zlo = (z - zc.to(tl.float32)).to(x.dtype)
+        return zc, zlo
+
+    @triton.jit
+    def _single_pass_token(zc, zlo, pr_all, m_ptr, t_ptr, o_ptr, sc_ptr, row, d, d_r, stride_o, qmax, clip, out_mul,
+                           il, lmask, BN: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
+                           DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
+        """The rest of one token whose tile is one column block: ``Y = Z P_r``, mask, scale, store."""
+        mrow = row * 0
+        if HAS_MASK:
+            mrow = tl.load(t_ptr + row).to(tl.int64) * d
+        y, cols, cmask = _y_block(zc, zlo, pr_all, m_ptr, mrow, d_r, 0, out_mul, il, lmask, HAS_MASK, BN, DOT_F32,
+                                  SPLIT_Z, HALF)
+        s = 1.0
+        if MODE != 0:
+            s = _scale_of(tl.max(tl.max(tl.abs(y), axis=1), axis=0), clip, qmax, MODE, HALF)
+            if MODE == 2:
+                tl.store(sc_ptr + row, s)
+        _store_block(y, s, cols, cmask, il, lmask, o_ptr, row * stride_o, d_r, qmax, MODE, HALF)
+
+    @triton.jit
     def _kron_act_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
                          n_tokens, d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
                          DL: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr,
@@ -277,9 +318,11 @@ if triton is not None:
         xmask = lmask[:, None] & (ir[None, :] < d_r)
         flat = il[:, None] * d_r + ir[None, :]
         plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
+        sv = plt  # unused without a scale
         if HAS_SCALE:
             sv = tl.load(s_ptr + flat, mask=xmask, other=0.0).to(tl.float32)
         NB: tl.constexpr = DR // BN
+        pr_all = plt  # unused with two passes
         if NB == 1:
             pr_all = _pr_block(pr_ptr, d_r, 0, DR, BN)
         first = tl.program_id(0).to(tl.int64) * TPP
@@ -287,32 +330,15 @@ if triton is not None:
             row = first + t
             if row < n_tokens:  # the last program's spare slots do nothing
                 x = tl.load(x_ptr + row * stride_x + flat, mask=xmask, other=0.0)
-                if HAS_SCALE:
-                    x = (x.to(tl.float32) * sv).to(x_ptr.dtype.element_ty)
-                if DOT_F32:
-                    z = tl.dot(plt, x, input_precision="ieee")
-                    zc = z
-                    zlo = z
-                else:
-                    z = tl.dot(plt, x)
-                    zc = z.to(x_ptr.dtype.element_ty)
-                    zlo = zc
-                    if SPLIT_Z:
-                        zlo = (z - zc.to(tl.float32)).to(x_ptr.dtype.element_ty)
-                mrow = row * 0
-                if HAS_MASK:
-                    mrow = tl.load(t_ptr + row).to(tl.int64) * d
-                row_o = row * stride_o
+                zc, zlo = _z_of(x, plt, sv, HAS_SCALE, DOT_F32, SPLIT_Z)
                 if NB == 1:
-                    y, cols, cmask = _y_block(zc, zlo, pr_all, m_ptr, mrow, d_r, 0, out_mul, il, lmask, HAS_MASK, BN,
-                                              DOT_F32, SPLIT_Z, HALF)
-                    s = 1.0
-                    if MODE != 0:
-                        s = _scale_of(tl.max(tl.max(tl.abs(y), axis=1), axis=0), clip, qmax, MODE, HALF)
-                        if MODE == 2:
-                            tl.store(sc_ptr + row, s)
-                    _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
+                    _single_pass_token(zc, zlo, pr_all, m_ptr, t_ptr, o_ptr, sc_ptr, row, d, d_r, stride_o, qmax, clip,
+                                       out_mul, il, lmask, BN, HAS_MASK, MODE, DOT_F32, SPLIT_Z, HALF)
                 else:
+                    mrow = row * 0
+                    if HAS_MASK:
+                        mrow = tl.load(t_ptr + row).to(tl.int64) * d
+                    row_o = row * stride_o
                     s = 1.0
                     if MODE != 0:
                         amax_v = tl.zeros([BN], dtype=tl.float32)
@@ -329,6 +355,35 @@ if triton is not None:
                                                   d_r, b * BN, out_mul, il, lmask, HAS_MASK, BN, DOT_F32, SPLIT_Z, HALF)
                         _store_block(y, s, cols, cmask, il, lmask, o_ptr, row_o, d_r, qmax, MODE, HALF)
 
+
+    @triton.jit
+    def _kron_act_persistent_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
+                                    n_tokens, d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
+                                    DL: tl.constexpr, DR: tl.constexpr, HAS_SCALE: tl.constexpr,
+                                    HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
+                                    SPLIT_Z: tl.constexpr, HALF: tl.constexpr, STAGES: tl.constexpr):
+        """:func:`_kron_act_kernel`'s math (single-pass tiles) with a fixed grid of programs that stride over the
+        tokens (``tuning={"path": "persistent"}``): the factors are loaded once per program, and the token loop
+        is a ``tl.range`` with ``STAGES`` stages, so that the compiler may issue the next tokens' loads while
+        one is being transformed."""
+        d = d_l * d_r
+        il = tl.arange(0, DL)
+        ir = tl.arange(0, DR)
+        lmask = il < d_l
+        xmask = lmask[:, None] & (ir[None, :] < d_r)
+        flat = il[:, None] * d_r + ir[None, :]
+        plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
+        sv = plt  # unused without a scale
+        if HAS_SCALE:
+            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0).to(tl.float32)
+        pr_all = _pr_block(pr_ptr, d_r, 0, DR, DR)
+        zero64 = tl.program_id(0).to(tl.int64) * 0  # rows as int64: offsets past 2^31 elements
+        for r in tl.range(tl.program_id(0), n_tokens, tl.num_programs(0), num_stages=STAGES):
+            row = zero64 + r
+            x = tl.load(x_ptr + row * stride_x + flat, mask=xmask, other=0.0)
+            zc, zlo = _z_of(x, plt, sv, HAS_SCALE, DOT_F32, SPLIT_Z)
+            _single_pass_token(zc, zlo, pr_all, m_ptr, t_ptr, o_ptr, sc_ptr, row, d, d_r, stride_o, qmax, clip,
+                               out_mul, il, lmask, DR, HAS_MASK, MODE, DOT_F32, SPLIT_Z, HALF)
 
     @triton.jit
     def _kron_act_batched_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
@@ -440,15 +495,18 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
     from 16 to the padded ``d_r``; one pass when it is all of it), ``num_warps`` (1-16, a power of two) and
     ``tokens_per_prog`` (>= 1; None: :func:`tokens_per_program` decides per call), and ``path`` for fake quant:
     ``kernel`` (the fused kernel), ``batched`` (the fused kernel's math on ``tokens_per_prog`` tokens at once,
-    a power of two, default :data:`BATCHED_TOKENS`; padded tiles up to 64 x 64) or ``gemm`` (the transform as
-    two cuBLAS products, eager's very ops, then the one-pass per-token quantizer :func:`fused_row_quant`:
-    eager's numbers bit for bit). Default: ``gemm`` for the two-pass tiles, where the fused kernel was measured
+    a power of two, default :data:`BATCHED_TOKENS`; padded tiles up to 64 x 64), ``persistent`` (single-pass
+    tiles: ``programs_per_sm`` programs a multiprocessor, default :data:`PERSISTENT_PROGRAMS`, striding over the
+    tokens in a loop of ``stages`` pipelining stages, default :data:`PERSISTENT_STAGES`) or ``gemm`` (the
+    transform as two cuBLAS products, eager's very ops, then the one-pass per-token quantizer
+    :func:`fused_row_quant`: eager's numbers bit for bit). Default: ``gemm`` for the two-pass tiles, where the fused kernel was measured
     no faster than eager (d = 18944 as 128 x 148: README, Performance), ``kernel`` otherwise."""
     tiling = dict(kernel_tiling(d_l, d_r), tokens_per_prog=None)
     tiling["path"] = "gemm" if tiling["passes"] == 2 else "kernel"
-    unknown = set(tuning or {}) - {"BN", "num_warps", "tokens_per_prog", "path"}
+    keys = {"BN", "num_warps", "tokens_per_prog", "path", "programs_per_sm", "stages"}
+    unknown = set(tuning or {}) - keys
     if unknown:
-        raise ValueError(f"unknown kernel tuning keys {sorted(unknown)}: BN, num_warps, tokens_per_prog, path")
+        raise ValueError(f"unknown kernel tuning keys {sorted(unknown)}: {', '.join(sorted(keys))}")
     for key, value in (tuning or {}).items():
         if value is None:
             continue
@@ -462,8 +520,8 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
             raise ValueError(f"BN must be a power of two in 16..{tiling['DR']}, got {value}")
         if key == "num_warps" and value not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {value}")
-        if key == "tokens_per_prog" and value < 1:
-            raise ValueError(f"tokens_per_prog must be >= 1, got {value}")
+        if key in ("tokens_per_prog", "programs_per_sm", "stages") and value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
         tiling[key] = value
     tiling["passes"] = 1 if tiling["BN"] == tiling["DR"] else 2
     if tiling["path"] == "batched":
@@ -473,6 +531,9 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
                              f"got {tiling['DL']} x {tiling['DR']}")
         if tb is not None and tb & (tb - 1):
             raise ValueError(f"path batched takes a power of two tokens per program, got {tb}")
+    if tiling["path"] == "persistent" and tiling["passes"] != 1:
+        raise ValueError(f"path persistent takes single-pass tiles (BN = the padded d_r = {tiling['DR']}), "
+                         f"got BN={tiling['BN']}")
     return tiling
 
 
@@ -530,6 +591,11 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
         if tiling["path"] == "batched":
             tb = tiling["tokens_per_prog"] or BATCHED_TOKENS
             _kron_act_batched_kernel[(triton.cdiv(T, tb),)](*args, TB=tb, **flags)
+        elif tiling["path"] == "persistent":
+            sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if x2.is_cuda else 2
+            programs = min(T, sms * (tiling.get("programs_per_sm") or PERSISTENT_PROGRAMS))
+            _kron_act_persistent_kernel[(programs,)](*args, STAGES=tiling.get("stages") or PERSISTENT_STAGES,
+                                                     **flags)
         else:
             tpp = tiling["tokens_per_prog"] or tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"])
             _kron_act_kernel[(triton.cdiv(T, tpp),)](*args, BN=tiling["BN"], TPP=tpp, **flags)
