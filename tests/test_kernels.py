@@ -497,11 +497,11 @@ def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
         if kernel_tiling(d_l, d_r)["DL"] * kernel_tiling(d_l, d_r)["DR"] <= 4096:  # the batched path too
             op_b = KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning={"path": "batched"})
             _assert_fake_quant_close(op_b(x, types, bits, clip, backend="triton"), ref, bits, clip)
-        if kernel_tiling(d_l, d_r)["passes"] == 1:  # persistent programs: the token loop's math, bit for bit
+        if kernel_tiling(d_l, d_r)["passes"] == 1:  # persistent programs striding over the 300 tokens
             for stages in (1, 3):
                 op_p = KronActQuant(P_l, P_r, in_scale=s, masks=masks,
                                     tuning={"path": "persistent", "programs_per_sm": 1, "stages": stages})
-                assert torch.equal(op_p(x, types, bits, clip, backend="triton"), out)
+                _assert_fake_quant_close(op_p(x, types, bits, clip, backend="triton"), ref, bits, clip)
     y = fused_act_quant(x, P_l, P_r, masks, types, bits=16, backend="triton", in_scale=s)
     y64 = act_quant_eager(*args64, bits=16, in_scale=s.double())
     tol = 1e-5 if exact else 2e-2
