@@ -309,6 +309,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / "perf.csv"))
     ap.add_argument("--tokens", default="2048,8192")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: act,fwht,w8a8")
+    ap.add_argument("--widths", default=None, help="act: comma list of widths (default: " +
+                    ",".join(map(str, ACT_WIDTHS)) + "; --quick: 4096,18944)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU (the eager paths are what runs on CPU)")
@@ -317,6 +319,8 @@ def main(argv=None) -> None:
     peak, peak_note = peak_bandwidth(base["device"])
     tokens = [2048] if args.quick else [int(t) for t in args.tokens.split(",")]
     widths = [4096, 18944] if args.quick else ACT_WIDTHS
+    if args.widths:
+        widths = [int(w) for w in args.widths.split(",")]
     fwht = [4096] if args.quick else [4096, 8192, 16384]
     linears = LINEARS[:1] + LINEARS[5:6] if args.quick else LINEARS
     skip = set(filter(None, args.skip.split(",")))
