@@ -138,7 +138,13 @@ class FreeAct(FlatQuant):
             dims = most_square_factors(d) if c["structure"] == "kronecker" else (d,)
             factors = [initial_matrix(n, c["matrix_init"], gen) for n in dims]
             pre = kron_matmul(pre, factors)
-        seen = None if covs is None else pre.T.to(covs) @ covs @ pre.to(covs)
+        seen = None  # the covariances in the coordinates the typed basis acts on: x pre
+        if covs is not None and (c["rank_mode"] != "fixed" or c["init"] == "spectral"):
+            if c["typed_basis"] == "dense":
+                seen = pre.T.to(covs) @ covs @ pre.to(covs)
+            else:  # pre is diagonal: the same congruence elementwise, in the dense product's order
+                inv = torch.diagonal(pre).to(covs)
+                seen = (inv[:, None] * covs) * inv[None, :]
         ranks, basis = self._ranks_and_basis(d, seen, present, gen)
         if c["typed_basis"] == "dense":
             post = basis.Q if basis is not None else random_orthogonal(d, gen)
