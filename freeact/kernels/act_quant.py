@@ -18,6 +18,11 @@ For every token ``x`` (width ``d = d_l * d_r``) the kernel computes, in one pass
 model's pipeline: ``kron_matmul`` and ``fake_quant`` in the input's dtype), used on CPU and for
 autograd. The Triton kernel mirrors the eager rounding points for half inputs (``P_l^T X`` and
 ``y`` are rounded to the input dtype, ``y / s`` too) so the two agree to within rare one-level flips.
+``y / s`` is taken as ``y * (1 / s)``, one IEEE reciprocal per token: an element-wise IEEE division made the
+kernel 1.9-2.4x slower (H100, d = 4096 and 3584, 2048-32768 tokens: ``results/perf_logs/kernel_ab_recip.txt``),
+and the product differs from the quotient by at most one float32 unit, which moves a level only where ``y / s``
+lies that close to a rounding boundary. The per-token quantizer without a transform (:func:`fused_row_quant`)
+keeps the division: its promise is eager's numbers bit for bit.
 
 **Kernel design.** Each program takes ``TPP`` consecutive tokens (:func:`tokens_per_program`: 1 for few
 tokens, up to 8 when there are many, so that ``P_l^T`` and, in one pass, ``P_r`` are loaded once per
@@ -259,11 +264,11 @@ if triton is not None:
         if MODE == 0:
             tl.store(o_ptr + row_o + flat, y.to(o_ptr.dtype.element_ty), mask=omask)
         elif MODE == 1:
-            v = _round_to(tl.div_rn(y, s), HALF)
+            v = _round_to(y * tl.div_rn(1.0, s), HALF)
             q = tl.minimum(tl.maximum(_rne(v), -qmax - 1.0), qmax)
             tl.store(o_ptr + row_o + flat, (q * s).to(o_ptr.dtype.element_ty), mask=omask)
         else:
-            q = tl.minimum(tl.maximum(_rne(tl.div_rn(y, s)), -qmax - 1.0), qmax)
+            q = tl.minimum(tl.maximum(_rne(y * tl.div_rn(1.0, s)), -qmax - 1.0), qmax)
             tl.store(o_ptr + row_o + flat, q.to(tl.int8), mask=omask)
 
     @triton.jit
@@ -437,12 +442,12 @@ if triton is not None:
             s = _scale_of(amax, clip, qmax, MODE, HALF)
             s3 = s[:, None, None]
             if MODE == 1:
-                v = _round_to(tl.div_rn(y, s3), HALF)
+                v = _round_to(y * tl.div_rn(1.0, s3), HALF)
                 q = tl.minimum(tl.maximum(_rne(v), -qmax - 1.0), qmax)
                 tl.store(o_ptr + offs, (q * s3).to(o_ptr.dtype.element_ty), mask=m3)
             else:
                 tl.store(sc_ptr + tok, s, mask=tmask)
-                q = tl.minimum(tl.maximum(_rne(tl.div_rn(y, s3)), -qmax - 1.0), qmax)
+                q = tl.minimum(tl.maximum(_rne(y * tl.div_rn(1.0, s3)), -qmax - 1.0), qmax)
                 tl.store(o_ptr + offs, q.to(tl.int8), mask=m3)
 
 
