@@ -272,6 +272,21 @@ if triton is not None:
             tl.store(o_ptr + row_o + flat, q.to(tl.int8), mask=omask)
 
     @triton.jit
+    def _tile_setup(plt_ptr, s_ptr, d_l, d_r, DL: tl.constexpr, DR: tl.constexpr, HAS_SCALE: tl.constexpr):
+        """A token tile's row indices and masks, its flat offsets, ``P_l^T`` and the scale tile (``P_l^T`` again
+        as a placeholder without a scale)."""
+        il = tl.arange(0, DL)
+        ir = tl.arange(0, DR)
+        lmask = il < d_l
+        xmask = lmask[:, None] & (ir[None, :] < d_r)
+        flat = il[:, None] * d_r + ir[None, :]
+        plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
+        sv = plt
+        if HAS_SCALE:
+            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0).to(tl.float32)
+        return il, lmask, xmask, flat, plt, sv
+
+    @triton.jit
     def _z_of(x, plt, sv, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr):
         """``Z = P_l^T (x * scale)`` of one token's tile, as the input dtype's hi (and, with ``SPLIT_Z``, lo)
         words for the second product (float32 inputs: ``Z`` itself, IEEE)."""
@@ -317,15 +332,7 @@ if triton is not None:
         takes ``TPP`` consecutive tokens; ``P_l^T``, the scale vector and (single pass) ``P_r`` are loaded
         once for all of them."""
         d = d_l * d_r
-        il = tl.arange(0, DL)
-        ir = tl.arange(0, DR)
-        lmask = il < d_l
-        xmask = lmask[:, None] & (ir[None, :] < d_r)
-        flat = il[:, None] * d_r + ir[None, :]
-        plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
-        sv = plt  # unused without a scale
-        if HAS_SCALE:
-            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0).to(tl.float32)
+        il, lmask, xmask, flat, plt, sv = _tile_setup(plt_ptr, s_ptr, d_l, d_r, DL, DR, HAS_SCALE)
         NB: tl.constexpr = DR // BN
         pr_all = plt  # unused with two passes
         if NB == 1:
@@ -372,15 +379,7 @@ if triton is not None:
         is a ``tl.range`` with ``STAGES`` stages, so that the compiler may issue the next tokens' loads while
         one is being transformed."""
         d = d_l * d_r
-        il = tl.arange(0, DL)
-        ir = tl.arange(0, DR)
-        lmask = il < d_l
-        xmask = lmask[:, None] & (ir[None, :] < d_r)
-        flat = il[:, None] * d_r + ir[None, :]
-        plt = tl.load(plt_ptr + il[:, None] * d_l + il[None, :], mask=lmask[:, None] & lmask[None, :], other=0.0)
-        sv = plt  # unused without a scale
-        if HAS_SCALE:
-            sv = tl.load(s_ptr + flat, mask=xmask, other=0.0).to(tl.float32)
+        il, lmask, xmask, flat, plt, sv = _tile_setup(plt_ptr, s_ptr, d_l, d_r, DL, DR, HAS_SCALE)
         pr_all = _pr_block(pr_ptr, d_r, 0, DR, DR)
         zero64 = tl.program_id(0).to(tl.int64) * 0  # rows as int64: offsets past 2^31 elements
         for r in tl.range(tl.program_id(0), n_tokens, tl.num_programs(0), num_stages=STAGES):
