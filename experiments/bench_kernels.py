@@ -188,6 +188,7 @@ def bench_act(tokens_list, widths, peak, base, rows, table):
             other = "kernel" if default_path == "gemm" else "gemm"
             # the fused kernel's launch choices, and the path the default does not take
             choices = [("default", None), (f"path_{other}", {"path": other})]
+            choices += [("mask_rows", {"mask": "rows"})]  # a mask row read per token instead of the owner vector
             choices += [(f"tpp{t}", {"tokens_per_prog": t, "path": "kernel"}) for t in (1, 2, 4, 8)]
             choices += [(f"warps{w}", {"num_warps": w, "path": "kernel"}) for w in (4, 8, 16)
                         if w != tile["num_warps"]]

@@ -15,7 +15,7 @@ from freeact.data.calib import CalibSet
 from freeact.kernels import (Int8Linear, act_quant_eager, act_quant_int8, fuse_input_quantizers, fused_act_quant,
                              hadamard_transform, int_mm, quantize_rows_int8)
 from freeact.kernels.act_quant import (FusedInputQuantizer, KronActQuant, fused_row_quant, kernel_tiling, kron_spec,
-                                      triton_supports, tuned_tiling)
+                                      mask_owner, triton_supports, tuned_tiling)
 from freeact.kernels.hadamard import kernel_fits
 from freeact.transforms.hadamard import hadamard_kron_factors, sylvester_factors
 from freeact.kernels.int8 import int8_matmul, int_mm_reference
@@ -27,7 +27,7 @@ from freeact.quant.act import InputQuantizer, attach_input_quantizer
 from freeact.quant.quantizer import QuantSpec
 from freeact.transforms.affine import AffineSite, HeadwiseVO, random_orthogonal
 from freeact.transforms.hadamard import OnlineHadamard, fast_hadamard_transform, hadamard_matrix
-from freeact.transforms.typed import TypeMask, owner_from_ranks
+from freeact.transforms.typed import TypeMask, keep_masks, owner_from_ranks
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -192,6 +192,22 @@ def test_kernel_tuning_is_checked():
                      ({"tokens_per_prog": 0}, ">= 1"), ({"warps": 4}, "unknown")):
         with pytest.raises(ValueError, match=msg):
             KronActQuant(torch.eye(8), torch.eye(32), tuning=bad)
+
+
+def test_mask_owner_recovers_freeacts_owners_and_refuses_other_masks():
+    """FreeAct's keep rows (shared coordinates, then each type's unique block) give back their owner vector; masks
+    of another form, or with values other than 0 and 1, give None (the kernel then reads a mask row per token)."""
+    owner = owner_from_ranks(40, [3, 5])
+    assert torch.equal(mask_owner(keep_masks(owner, 2)), owner.to(torch.int32))
+    none_kept = keep_masks(owner, 2)
+    none_kept[:, 0] = 0
+    assert mask_owner(none_kept)[0] == -2 and torch.equal(mask_owner(none_kept)[1:], owner[1:].to(torch.int32))
+    assert torch.equal(mask_owner(torch.ones(1, 8)), torch.full((8,), -1, dtype=torch.int32))
+    two_of_three = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # coordinate 0 kept by two of three types
+    assert mask_owner(two_of_three) is None
+    assert mask_owner(keep_masks(owner, 2) * 0.5) is None and mask_owner(None) is None
+    with pytest.raises(ValueError, match="mask must be auto or rows"):
+        tuned_tiling(64, 64, {"mask": "owner"})
 
 
 def test_kernel_tiling_covers_8b_widths():
@@ -502,6 +518,15 @@ def test_cuda_act_kernel_matches_eager(d_l, d_r, dtype):
                 op_p = KronActQuant(P_l, P_r, in_scale=s, masks=masks,
                                     tuning={"path": "persistent", "programs_per_sm": 1, "stages": stages})
                 _assert_fake_quant_close(op_p(x, types, bits, clip, backend="triton"), ref, bits, clip)
+            # FreeAct-form masks: built in the kernel from the owner vector and each token's type
+            keep = keep_masks(owner_from_ranks(d, [d // 16] * 3), 3).to(dev)
+            assert mask_owner(keep) is not None
+            ref_o = (act_quant_eager(*args64[:3], keep.double(), types, bits=bits, clip=clip, in_scale=s.double())
+                     .float() if exact else
+                     fused_act_quant(x, P_l, P_r, keep, types, bits, clip, backend="eager", in_scale=s))
+            for path in ("kernel", "persistent"):
+                op_o = KronActQuant(P_l, P_r, in_scale=s, masks=keep, tuning={"path": path})
+                _assert_fake_quant_close(op_o(x, types, bits, clip, backend="triton"), ref_o, bits, clip)
     y = fused_act_quant(x, P_l, P_r, masks, types, bits=16, backend="triton", in_scale=s)
     y64 = act_quant_eager(*args64, bits=16, in_scale=s.double())
     tol = 1e-5 if exact else 2e-2

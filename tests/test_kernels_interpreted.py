@@ -50,6 +50,9 @@ CHECK = textwrap.dedent("""
         P_l, P_r = random_orthogonal(d_l, g).float(), random_orthogonal(d_r, g).float()
         s = torch.rand(d, generator=g) + 0.5
         masks = (torch.rand(3, d, generator=g) > 0.2).float() if case["masked"] else None
+        if case["masked"] == "owner":  # FreeAct's form: shared, unique to one type, a few kept by none
+            own = torch.randint(-2, 3, (d,), generator=g)
+            masks = torch.stack([((own == -1) | (own == k)).float() for k in range(3)])
         types = torch.randint(0, 3, (T,), generator=g) if case["masked"] else None
         tuning = {"tokens_per_prog": case["tpp"], "BN": case.get("BN")}  # BN < padded d_r: two passes
         op = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning=tuning)
@@ -87,6 +90,18 @@ CHECK = textwrap.dedent("""
             out["persistent_equals_kernel"] = bool(torch.equal(qp, q))
             cp, sp = op_p.int8(x, types, clip=0.9, bits=4, backend="triton")
             out["persistent_int8_equals_kernel"] = bool(torch.equal(cp, codes) and torch.equal(sp, scales))
+        out["owner_form"] = aq.mask_owner(masks) is not None
+        if case["masked"] == "owner":  # the masks built from the owner vector: the rows' numbers exactly
+            for path in ("kernel", "persistent"):
+                if case.get("BN") is not None and path == "persistent":
+                    continue
+                rows = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning=dict(tuning, path=path, mask="rows"))
+                auto = aq.KronActQuant(P_l, P_r, in_scale=s, masks=masks, tuning=dict(tuning, path=path))
+                same = [torch.equal(auto(x, types, bits=b, clip=0.9, backend="triton"),
+                                    rows(x, types, bits=b, clip=0.9, backend="triton")) for b in (16, 4)]
+                ca, sa = auto.int8(x, types, clip=0.9, bits=4, backend="triton")
+                cr, sr = rows.int8(x, types, clip=0.9, bits=4, backend="triton")
+                out[f"owner_equals_rows_{path}"] = bool(all(same) and torch.equal(ca, cr) and torch.equal(sa, sr))
         out["untouched"] = bool(torch.isfinite(q).all() and torch.isfinite(y).all())
     print("RESULT " + json.dumps(out))
 """)
@@ -107,7 +122,8 @@ def _run(case: dict) -> dict:
     dict(d_l=8, d_r=16, T=7, masked=True, tpp=4, seed=1),  # 2 programs, the second with 3 live tokens
     dict(d_l=5, d_r=12, T=5, masked=False, tpp=2, seed=2),  # factors padded to 16 x 16
     dict(d_l=8, d_r=32, T=6, masked=True, tpp=4, seed=3, BN=16),  # two column blocks, two passes
-], ids=["one_token", "four_tokens", "padded", "two_pass"])
+    dict(d_l=8, d_r=16, T=9, masked="owner", tpp=2, seed=4),  # FreeAct-form masks: built from the owner vector
+], ids=["one_token", "four_tokens", "padded", "two_pass", "owner_masks"])
 def test_act_kernel_matches_eager_under_the_interpreter(case):
     r = _run(dict(case, kind="act"))
     assert r["untouched"]
@@ -117,6 +133,9 @@ def test_act_kernel_matches_eager_under_the_interpreter(case):
     assert r["gemm_equal"]  # the two-GEMM path (eager's transform, the row-quant kernel): eager bit for bit
     assert r["codes_max_diff"] <= 1 and r["codes_differ"] < 0.01
     assert r["scales_rel"] < 1e-5
+    assert r["owner_form"] == (case["masked"] == "owner")  # random 0/1 rows are not of that form
+    if case["masked"] == "owner":
+        assert r["owner_equals_rows_kernel"] and r["owner_equals_rows_persistent"]
     if case.get("BN") is None:  # the batched path: the same math, tokens in blocks of tpp
         assert r["batched_transform_rel"] < 1e-5 and r["batched_fake_max_steps"] <= 1.0 + 1e-4
         assert r["batched_codes_vs_kernel"] <= 1 and r["batched_scales_rel"] < 1e-5

@@ -43,6 +43,11 @@ says it is faster): the same math for ``TB`` tokens at once, ``P_l^T X`` as one 
 ``(TB, DL, DR)`` block and ``Z P_r`` as one ``(TB * DL) x DR`` dot, so each program has a whole block of loads
 in flight and larger dots than the token-by-token loop.
 
+**Type masks of FreeAct's form** (each coordinate shared by every type, unique to one, or kept by none:
+:func:`mask_owner`) are built in the token loop and the persistent layout from an int32 owner tile read once per
+program and each token's type, instead of a mask row read per token (as much traffic, from L2, as the token
+itself); other masks, the batched layout and ``tuning={"mask": "rows"}`` read the rows. Both give the same numbers.
+
 **Persistent programs** (``tuning={"path": "persistent"}``, single-pass tiles, not the default until a GPU says it
 is faster): a fixed grid of a few programs per multiprocessor strides over the tokens, the factors loaded once
 per program, the token loop a ``tl.range`` with software-pipelining stages.
@@ -76,7 +81,7 @@ except Exception:  # ImportError, or a broken install
 __all__ = ["fused_act_quant", "act_quant_eager", "fused_row_quant", "row_quant_eager", "RowActQuant",
            "act_quant_int8", "act_quant_int8_eager", "KronActQuant", "prepare_operands", "FusedInputQuantizer",
            "tokens_per_program", "tuned_tiling", "fuse_input_quantizers", "input_quantizers_fused", "kron_spec",
-           "triton_available", "kernel_tiling", "hadamard_factors"]
+           "triton_available", "kernel_tiling", "hadamard_factors", "mask_owner"]
 
 BACKENDS = ("auto", "triton", "eager")
 MAX_FULL_TILE = 16384  # padded d_l * d_r held as one tile (single pass)
@@ -287,6 +292,15 @@ if triton is not None:
         return il, lmask, xmask, flat, plt, sv
 
     @triton.jit
+    def _owner_tile(m_ptr, flat, xmask, placeholder, OWNER: tl.constexpr):
+        """The owner of every coordinate of the tile (int32: -1 shared, k unique to type k, -2 kept by none), read
+        once per program; ``placeholder`` without it."""
+        own = placeholder
+        if OWNER:
+            own = tl.load(m_ptr + flat, mask=xmask, other=-2)
+        return own
+
+    @triton.jit
     def _z_of(x, plt, sv, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr):
         """``Z = P_l^T (x * scale)`` of one token's tile, as the input dtype's hi (and, with ``SPLIT_Z``, lo)
         words for the second product (float32 inputs: ``Z`` itself, IEEE)."""
@@ -306,14 +320,19 @@ if triton is not None:
 
     @triton.jit
     def _single_pass_token(zc, zlo, pr_all, m_ptr, t_ptr, o_ptr, sc_ptr, row, d, d_r, stride_o, qmax, clip, out_mul,
-                           il, lmask, BN: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
-                           DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
-        """The rest of one token whose tile is one column block: ``Y = Z P_r``, mask, scale, store."""
+                           il, lmask, own, BN: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
+                           DOT_F32: tl.constexpr, SPLIT_Z: tl.constexpr, HALF: tl.constexpr, OWNER: tl.constexpr):
+        """The rest of one token whose tile is one column block: ``Y = Z P_r``, mask, scale, store. ``OWNER``: the
+        mask from the program's owner tile ``own`` (-1 shared, k unique to type k) and the token's type, no
+        per-token mask row read."""
         mrow = row * 0
         if HAS_MASK:
             mrow = tl.load(t_ptr + row).to(tl.int64) * d
         y, cols, cmask = _y_block(zc, zlo, pr_all, m_ptr, mrow, d_r, 0, out_mul, il, lmask, HAS_MASK, BN, DOT_F32,
                                   SPLIT_Z, HALF)
+        if OWNER:
+            tt = tl.load(t_ptr + row).to(tl.int32)
+            y = tl.where((own == -1) | (own == tt), y, 0.0)
         s = 1.0
         if MODE != 0:
             s = _scale_of(tl.max(tl.max(tl.abs(y), axis=1), axis=0), clip, qmax, MODE, HALF)
@@ -326,13 +345,14 @@ if triton is not None:
                          n_tokens, d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
                          DL: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, TPP: tl.constexpr,
                          HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
-                         SPLIT_Z: tl.constexpr, HALF: tl.constexpr):
+                         SPLIT_Z: tl.constexpr, HALF: tl.constexpr, OWNER: tl.constexpr):
         """MODE 0: transform (+mask) only; 1: fake quant (dequantized output); 2: int8 codes + fp32 scales.
         HALF: the input dtype for eager-like rounding (0 float32, 1 float16, 2 bfloat16). Each program
         takes ``TPP`` consecutive tokens; ``P_l^T``, the scale vector and (single pass) ``P_r`` are loaded
         once for all of them."""
         d = d_l * d_r
         il, lmask, xmask, flat, plt, sv = _tile_setup(plt_ptr, s_ptr, d_l, d_r, DL, DR, HAS_SCALE)
+        own = _owner_tile(m_ptr, flat, xmask, plt, OWNER)
         NB: tl.constexpr = DR // BN
         pr_all = plt  # unused with two passes
         if NB == 1:
@@ -345,7 +365,7 @@ if triton is not None:
                 zc, zlo = _z_of(x, plt, sv, HAS_SCALE, DOT_F32, SPLIT_Z)
                 if NB == 1:
                     _single_pass_token(zc, zlo, pr_all, m_ptr, t_ptr, o_ptr, sc_ptr, row, d, d_r, stride_o, qmax, clip,
-                                       out_mul, il, lmask, BN, HAS_MASK, MODE, DOT_F32, SPLIT_Z, HALF)
+                                       out_mul, il, lmask, own, BN, HAS_MASK, MODE, DOT_F32, SPLIT_Z, HALF, OWNER)
                 else:
                     mrow = row * 0
                     if HAS_MASK:
@@ -373,13 +393,15 @@ if triton is not None:
                                     n_tokens, d_l, d_r, stride_x, stride_o, qmax, clip, out_mul,
                                     DL: tl.constexpr, DR: tl.constexpr, HAS_SCALE: tl.constexpr,
                                     HAS_MASK: tl.constexpr, MODE: tl.constexpr, DOT_F32: tl.constexpr,
-                                    SPLIT_Z: tl.constexpr, HALF: tl.constexpr, STAGES: tl.constexpr):
+                                    SPLIT_Z: tl.constexpr, HALF: tl.constexpr, OWNER: tl.constexpr,
+                                    STAGES: tl.constexpr):
         """:func:`_kron_act_kernel`'s math (single-pass tiles) with a fixed grid of programs that stride over the
         tokens (``tuning={"path": "persistent"}``): the factors are loaded once per program, and the token loop
         is a ``tl.range`` with ``STAGES`` stages, so that the compiler may issue the next tokens' loads while
         one is being transformed."""
         d = d_l * d_r
         il, lmask, xmask, flat, plt, sv = _tile_setup(plt_ptr, s_ptr, d_l, d_r, DL, DR, HAS_SCALE)
+        own = _owner_tile(m_ptr, flat, xmask, plt, OWNER)
         pr_all = _pr_block(pr_ptr, d_r, 0, DR, DR)
         zero64 = tl.program_id(0).to(tl.int64) * 0  # rows as int64: offsets past 2^31 elements
         for r in tl.range(tl.program_id(0), n_tokens, tl.num_programs(0), num_stages=STAGES):
@@ -387,7 +409,7 @@ if triton is not None:
             x = tl.load(x_ptr + row * stride_x + flat, mask=xmask, other=0.0)
             zc, zlo = _z_of(x, plt, sv, HAS_SCALE, DOT_F32, SPLIT_Z)
             _single_pass_token(zc, zlo, pr_all, m_ptr, t_ptr, o_ptr, sc_ptr, row, d, d_r, stride_o, qmax, clip,
-                               out_mul, il, lmask, DR, HAS_MASK, MODE, DOT_F32, SPLIT_Z, HALF)
+                               out_mul, il, lmask, own, DR, HAS_MASK, MODE, DOT_F32, SPLIT_Z, HALF, OWNER)
 
     @triton.jit
     def _kron_act_batched_kernel(x_ptr, plt_ptr, pr_ptr, s_ptr, m_ptr, t_ptr, o_ptr, sc_ptr,
@@ -488,10 +510,32 @@ def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dty
     if dtype not in _HALF_CODE:
         raise TypeError(f"the kernel takes float32/float16/bfloat16 inputs, got {dtype}")
     conv = dict(device=device, dtype=dtype)
+    own = mask_owner(masks)
     return {"plt": P_l.detach().t().to(**conv).contiguous(), "pr": P_r.detach().to(**conv).contiguous(),
             "sv": in_scale.detach().reshape(-1).to(**conv).contiguous() if in_scale is not None else None,
             "mk": masks.detach().to(**conv).contiguous() if masks is not None else None,
+            "own": own.to(device=device, dtype=torch.int32).contiguous() if own is not None else None,
             "d_l": P_l.shape[0], "d_r": P_r.shape[0]}
+
+
+def mask_owner(masks: Tensor | None) -> Tensor | None:
+    """The owner vector of type-mask rows ``(num_types, d)``, when they have that form (FreeAct's
+    :class:`~freeact.transforms.typed.TypeMask`: each coordinate kept by every type, by exactly one, or by none):
+    -1 shared, ``k`` unique to type ``k``, -2 kept by none; None for other masks (values other than 0 and 1, or a
+    coordinate kept by some types but not all). The kernel then builds each token's mask from it and the
+    token's type instead of reading a mask row per token."""
+    if masks is None:
+        return None
+    m = masks.detach()
+    if not bool(((m == 0) | (m == 1)).all()):
+        return None
+    keep = m == 1
+    kept = keep.sum(0)
+    n = keep.shape[0]
+    if not bool(((kept == n) | (kept <= 1)).all()):
+        return None
+    own = keep.to(torch.int8).argmax(0).to(torch.int32)
+    return torch.where(kept == n, -1, torch.where(kept == 1, own, -2)).to(torch.int32)
 
 
 def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
@@ -503,16 +547,23 @@ def tuned_tiling(d_l: int, d_r: int, tuning: dict | None = None) -> dict:
     tiles: ``programs_per_sm`` programs a multiprocessor, default :data:`PERSISTENT_PROGRAMS`, striding over the
     tokens in a loop of ``stages`` pipelining stages, default :data:`PERSISTENT_STAGES`) or ``gemm`` (the
     transform as two cuBLAS products, eager's very ops, then the one-pass per-token quantizer
-    :func:`fused_row_quant`: eager's numbers bit for bit). Default: ``gemm`` for the two-pass tiles, where the fused kernel was measured
+    :func:`fused_row_quant`: eager's numbers bit for bit); ``mask``: ``auto`` (type masks of FreeAct's form built
+    from an owner vector, :func:`mask_owner`, in the token loop and the persistent layout) or ``rows`` (a mask row
+    read per token). Default: ``gemm`` for the two-pass tiles, where the fused kernel was measured
     no faster than eager (d = 18944 as 128 x 148: README, Performance), ``kernel`` otherwise."""
-    tiling = dict(kernel_tiling(d_l, d_r), tokens_per_prog=None)
+    tiling = dict(kernel_tiling(d_l, d_r), tokens_per_prog=None, mask="auto")
     tiling["path"] = "gemm" if tiling["passes"] == 2 else "kernel"
-    keys = {"BN", "num_warps", "tokens_per_prog", "path", "programs_per_sm", "stages"}
+    keys = {"BN", "num_warps", "tokens_per_prog", "path", "programs_per_sm", "stages", "mask"}
     unknown = set(tuning or {}) - keys
     if unknown:
         raise ValueError(f"unknown kernel tuning keys {sorted(unknown)}: {', '.join(sorted(keys))}")
     for key, value in (tuning or {}).items():
         if value is None:
+            continue
+        if key == "mask":
+            if value not in ("auto", "rows"):
+                raise ValueError(f"mask must be auto or rows, got {value!r}")
+            tiling["mask"] = value
             continue
         if key == "path":
             if value not in PATHS:
@@ -585,13 +636,17 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
         out = torch.empty(T, d, device=dev, dtype=dt)
     if T > 0:
         f32 = dt == torch.float32
+        # the mask from the owner vector (read once per program) where the masks have that form and the kernel can
+        owner = (ops["own"] is not None and tiling.get("mask", "auto") == "auto" and tiling["passes"] == 1
+                 and tiling["path"] in ("kernel", "persistent"))
+        mask_arg = ops["own"] if owner else ops["mk"]
         args = (x2, ops["plt"], ops["pr"], ops["sv"] if ops["sv"] is not None else x2,
-                ops["mk"] if ops["mk"] is not None else x2, types if ops["mk"] is not None else x2, out,
+                mask_arg if mask_arg is not None else x2, types if ops["mk"] is not None else x2, out,
                 scales if scales is not None else out, T, ops["d_l"], ops["d_r"], x2.stride(0), out.stride(0),
                 float(2 ** (bits - 1) - 1) if mode else 1.0, float(clip), float(out_mul))
-        flags = dict(DL=tiling["DL"], DR=tiling["DR"], HAS_SCALE=ops["sv"] is not None, HAS_MASK=ops["mk"] is not None,
-                     MODE=mode, DOT_F32=f32, SPLIT_Z=bool(split_z and not f32), HALF=_HALF_CODE[dt],
-                     num_warps=tiling["num_warps"])
+        flags = dict(DL=tiling["DL"], DR=tiling["DR"], HAS_SCALE=ops["sv"] is not None,
+                     HAS_MASK=ops["mk"] is not None and not owner, MODE=mode, DOT_F32=f32,
+                     SPLIT_Z=bool(split_z and not f32), HALF=_HALF_CODE[dt], num_warps=tiling["num_warps"])
         if tiling["path"] == "batched":
             tb = tiling["tokens_per_prog"] or BATCHED_TOKENS
             _kron_act_batched_kernel[(triton.cdiv(T, tb),)](*args, TB=tb, **flags)
@@ -599,10 +654,10 @@ def _launch(x2: Tensor, ops: dict, types, mode: int, bits: int, clip: float, out
             sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) if x2.is_cuda else 2
             programs = min(T, sms * (tiling.get("programs_per_sm") or PERSISTENT_PROGRAMS))
             _kron_act_persistent_kernel[(programs,)](*args, STAGES=tiling.get("stages") or PERSISTENT_STAGES,
-                                                     **flags)
+                                                     OWNER=owner, **flags)
         else:
             tpp = tiling["tokens_per_prog"] or tokens_per_program(T, x2.device, tiling["DL"] * tiling["DR"])
-            _kron_act_kernel[(triton.cdiv(T, tpp),)](*args, BN=tiling["BN"], TPP=tpp, **flags)
+            _kron_act_kernel[(triton.cdiv(T, tpp),)](*args, BN=tiling["BN"], TPP=tpp, OWNER=owner, **flags)
     return (out, scales) if mode == 2 else out
 
 
