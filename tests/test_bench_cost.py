@@ -89,3 +89,23 @@ def test_paired_timing_cancels_the_hosts_drift():
     got_q, got_b = paired_times(q, None, b, None, None, rounds=5)
     assert q.calls == b.calls == 5 and [g[2] for g in got_q] == [g[2] for g in got_b]  # alternated, same speeds
     assert paired_ratio(got_q, got_b, k=4, L=32) == pytest.approx(extrapolated_ratio(5.0, 4.0, 3.0, 2.0, 4, 32))
+
+
+def test_kernel_ab_loads_an_older_kernel_module_beside_the_current_one(tmp_path):
+    """experiments/kernel_ab.py's loader: an older act_quant.py (here a copy with a marker) imports inside the
+    package, relative imports and all, and stays apart from the current module; without a GPU the script says so."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import kernel_ab
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    import freeact.kernels.act_quant as current
+
+    older = tmp_path / "act_quant_old.py"
+    older.write_text((ROOT / "freeact/kernels/act_quant.py").read_text() + "\nOLDER_MARKER = 1\n")
+    old = kernel_ab.load_old(str(older))
+    assert old.OLDER_MARKER == 1 and not hasattr(current, "OLDER_MARKER")
+    assert old.KronActQuant is not current.KronActQuant and old.tuned_tiling(64, 64)["path"] == "kernel"
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            kernel_ab.main([str(older)])
