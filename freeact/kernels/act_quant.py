@@ -44,9 +44,10 @@ says it is faster): the same math for ``TB`` tokens at once, ``P_l^T X`` as one 
 in flight and larger dots than the token-by-token loop.
 
 **Type masks of FreeAct's form** (each coordinate shared by every type, unique to one, or kept by none:
-:func:`mask_owner`) are built in the token loop and the persistent layout from an int32 owner tile read once per
+:func:`mask_owner`, found once by :class:`KronActQuant`) are built in the token loop and the persistent layout from an int32 owner tile read once per
 program and each token's type, instead of a mask row read per token (as much traffic, from L2, as the token
-itself); other masks, the batched layout and ``tuning={"mask": "rows"}`` read the rows. Both give the same numbers.
+itself); other masks, the batched layout, ``tuning={"mask": "rows"}`` and the one-call functions
+(:func:`fused_act_quant`, which would pay the check at every call) read the rows. Both give the same numbers.
 
 **Persistent programs** (``tuning={"path": "persistent"}``, single-pass tiles, not the default until a GPU says it
 is faster): a fixed grid of a few programs per multiprocessor strides over the tokens, the factors loaded once
@@ -505,16 +506,17 @@ if triton is not None:
 _HALF_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dtype, device) -> dict:
-    """The kernel's small operands in the input dtype on its device: ``P_l^T``, ``P_r``, scale, mask rows."""
+def prepare_operands(P_l: Tensor, P_r: Tensor, in_scale, masks, dtype: torch.dtype, device,
+                     owner: Tensor | None = None) -> dict:
+    """The kernel's small operands in the input dtype on its device: ``P_l^T``, ``P_r``, scale, mask rows, and
+    the masks' owner vector (:func:`mask_owner`) when the caller found one (int32)."""
     if dtype not in _HALF_CODE:
         raise TypeError(f"the kernel takes float32/float16/bfloat16 inputs, got {dtype}")
     conv = dict(device=device, dtype=dtype)
-    own = mask_owner(masks)
     return {"plt": P_l.detach().t().to(**conv).contiguous(), "pr": P_r.detach().to(**conv).contiguous(),
             "sv": in_scale.detach().reshape(-1).to(**conv).contiguous() if in_scale is not None else None,
             "mk": masks.detach().to(**conv).contiguous() if masks is not None else None,
-            "own": own.to(device=device, dtype=torch.int32).contiguous() if own is not None else None,
+            "own": owner.to(device=device, dtype=torch.int32).contiguous() if owner is not None else None,
             "d_l": P_l.shape[0], "d_r": P_r.shape[0]}
 
 
@@ -712,12 +714,14 @@ class KronActQuant:
         self.out_mul, self.split_z = float(out_mul), bool(split_z)
         self.tiling = tuned_tiling(P_l.shape[0], P_r.shape[0], tuning)  # checked and computed once
         self._dims = (P_l.shape[0], P_r.shape[0])
+        self._owner = mask_owner(masks)  # once (it reads the masks back to the host), not per dtype or call
         self._ops: dict = {}
 
     def _prepared(self, x: Tensor) -> dict:
         key = (x.dtype, x.device)
         if key not in self._ops:
-            self._ops[key] = prepare_operands(self.P_l, self.P_r, self.in_scale, self.masks, x.dtype, x.device)
+            self._ops[key] = prepare_operands(self.P_l, self.P_r, self.in_scale, self.masks, x.dtype, x.device,
+                                              self._owner)
         return self._ops[key]
 
     def __call__(self, x: Tensor, types: Tensor | None = None, bits: int = 4, clip: float = 1.0,
