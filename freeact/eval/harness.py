@@ -193,8 +193,7 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
                  gen_options=None, likelihood="auto") -> dict:
     import lm_eval
 
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_lm_eval()
     lm = make_lm(model, adapter, tokenizer, batch_size=batch_size, mc_num=mc_num, gen_length=gen_length, steps=steps,
                  block_length=block_length, remasking=remasking, seed=seed, progress=progress,
                  gen_options=gen_options if adapter.objective == "mdm" else None, likelihood=likelihood)
@@ -241,18 +240,23 @@ def check_task_names(ecfg) -> None:
     """Raise ValueError, with the near misses, for a task of ``ecfg.tasks`` that lm-eval does not know (checked
     once, by :func:`freeact.validate.validate`, before the model loads)."""
     tasks, inc = list(_opt(ecfg, "tasks") or []), _opt(ecfg, "include_path")
-    if set(tasks) <= local_tasks(inc):
+    local = local_tasks(inc)
+    if set(tasks) <= local:
         return
-    with offline_defaults():
-        for name in ("lm_eval", "lm-eval"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        with task_index(tasks, inc) as manager:
-            known = list(manager.all_tasks)
+    _quiet_lm_eval()
+    with offline_defaults(), task_index(tasks, inc) as manager:
+        known = list(manager.all_tasks)
     for t in tasks:
         if t not in known:
             near = difflib.get_close_matches(t, known, n=3, cutoff=0.6)
             raise ValueError(f"task {t!r} is not in lm-eval" + (f" (did you mean {', '.join(near)}?)" if near else
-                                                               f"; the offline tasks are {sorted(local_tasks(inc))}"))
+                                                               f"; the offline tasks are {sorted(local)}"))
+
+
+def _quiet_lm_eval() -> None:
+    """lm-eval's own loggers at WARNING (its INFO lines would bury the run's output)."""
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _opt(ecfg, key: str, default=None):
