@@ -71,6 +71,27 @@ def test_offline_unpack_checks_the_gguf_and_places_the_testbeds(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_offline_launch_without_the_gguf_refuses_testbed_ar_runs(tmp_path):
+    # a short session uploads no GGUF parts and queues no testbed_ar run: unpack works, a list with one is refused
+    keep, src = tmp_path / "keep", tmp_path / "src"
+    (keep / "tb/testbed_x").mkdir(parents=True)
+    (src / "freeact").mkdir(parents=True)
+    (src / "freeact/__init__.py").write_text("")
+    subprocess.run(["tar", "-czf", str(keep / "code.tgz"), "-C", str(src), "."], check=True)
+    env = dict(os.environ, KEEP=str(keep), SITE=str(tmp_path / "site"))
+    script = str(REPO / "experiments/repro/offline_gpu.sh")
+    ok = subprocess.run(["bash", script, "unpack", "abc1234"], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "testbed_ar (SmolLM2) cannot run" in ok.stdout, ok.stdout + ok.stderr
+    assert (keep / "code/freeact/assets/testbeds/testbed_x").is_dir()
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("+experiment=repro_testbed_vlm seed=0\n+experiment=repro_testbed_ar seed=0\n")
+    bad = subprocess.run(["bash", script, "launch", "abc1234", str(jobs), "1"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and "job list has testbed_ar runs" in bad.stdout, bad.stdout + bad.stderr
+    assert not (keep / "q").exists()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_queue_retries_a_run_that_ran_out_of_gpu_memory(tmp_path):
     # a stand-in for python3: job "flaky" runs out of memory once, "oom" always, "bad" fails otherwise
     shim = tmp_path / "bin"

