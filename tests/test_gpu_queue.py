@@ -91,6 +91,24 @@ def test_offline_launch_without_the_gguf_refuses_testbed_ar_runs(tmp_path):
     assert not (keep / "q").exists()
 
 
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("python3") is None, reason="needs bash, python3")
+@pytest.mark.parametrize("plain,mps,want", [("92.9", "76.6", "0"), ("80.0", "88.5", "1"), ("80.0", "95.0", "1"),
+                                            ("80.0", None, "0")])
+def test_launch_uses_mps_only_when_the_probe_found_it_over_ten_percent_faster(tmp_path, plain, mps, want):
+    # throughput_probe.sh's lines as it prints them; MPS=auto launches with MPS when mps_choice says 1
+    lines = [f"inflight10: 4 runs, 3840 steps in 41.3 s -> {plain} steps/s together (per run: 41.3 s)"]
+    if mps is not None:
+        lines.append(f"mps_inflight10: 4 runs, 3840 steps in 40.0 s -> {mps} steps/s together (per run: 40.0 s)")
+    else:
+        lines.append("MPS: the control daemon did not start")
+    probe = tmp_path / "probe.txt"
+    probe.write_text("\n".join(lines) + "\n")
+    p = subprocess.run(["bash", str(REPO / "experiments/repro/offline_gpu.sh"), "mps_choice", str(probe)],
+                       env=dict(os.environ, KEEP=str(tmp_path / "keep"), SITE=str(tmp_path / "site")),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == want, p.stdout + p.stderr
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_queue_retries_a_run_that_ran_out_of_gpu_memory(tmp_path):
     # a stand-in for python3: job "flaky" runs out of memory once, "oom" always, "bad" fails otherwise

