@@ -85,7 +85,7 @@ poll)
   mkdir -p "$out"
   while [ $SECONDS -lt $end ]; do
     sleep 20
-    cp "$K"/res/*.csv "$K/q/done.txt" "$out/" 2>/dev/null
+    cp "$K"/res/*.csv "$K/q/done.txt" "$K/probe.txt" "$out/" 2>/dev/null  # probe.txt: MPS=auto's measurement
     pgrep -f "[g]pu_queue" > /dev/null || { echo "queue ended"; break; }
   done
   date; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
