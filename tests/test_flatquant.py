@@ -317,6 +317,59 @@ def test_layers_in_flight_train_the_same_model_as_one_at_a_time(tokenizer, metho
     assert got[1][0]["loss_first_epoch"] != got[1][0]["loss_last_epoch"]  # the layers did train
 
 
+def test_progress_bar_counts_steps_while_layers_are_in_flight(tokenizer, monkeypatch):
+    """With three layers in flight the bar moves at every optimizer step (a count of finished layers stands
+    still until the first of them ends), ends at its total, and a layer that stops early (keep_last after a
+    non-finite loss) adds its missing steps when it ends."""
+    import freeact.methods.block_training as bt
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, unit, **kw):
+            self.total, self.unit, self.n, self.trace, self.postfix = total, unit, 0, [], ""
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+            self.trace.append((k, self.postfix))
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix = s
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bt, "tqdm", Bar)
+    model = _five_layer_llada(tokenizer)
+    ctx = make_ctx(model, tokenizer, w=4, a=4, n=6)
+    ctx.progress = True
+    get_method("flatquant", {"epochs": 2, "batch_size": 2, "layers_in_flight": 3}).apply(ctx)
+    bar = bars[-1]
+    assert bar.unit == "step" and bar.total == 5 * 2 * 3 and bar.n == bar.total
+    first_done = next(i for i, (_, p) in enumerate(bar.trace) if p.startswith("layers done 1/"))
+    assert first_done >= 3 * 6 - 1 and all(k == 1 for k, _ in bar.trace[:first_done])  # 3 layers stepped together
+    assert bar.postfix == "layers done 5/5"
+
+    model = _five_layer_llada(tokenizer)
+    calls = {"n": 0}
+    layer = get_adapter(model).layers()[2]
+
+    def nan_once_trained(module, args, out):  # layer 2's block output turns non-finite from its 4th training step
+        calls["n"] += 1
+        if calls["n"] > 3 + 1 and torch.is_grad_enabled():
+            return (out[0] * float("nan"),) + tuple(out[1:]) if isinstance(out, tuple) else out * float("nan")
+        return out
+
+    layer.register_forward_hook(nan_once_trained)
+    ctx = make_ctx(model, tokenizer, w=4, a=4, n=6)
+    ctx.progress = True
+    info = get_method("flatquant", {"epochs": 2, "batch_size": 2, "layers_in_flight": 3,
+                                    "on_nonfinite": "keep_last"}).apply(ctx)
+    bar = bars[-1]
+    assert info["train_steps"] < 5 * 2 * 3 and bar.n == bar.total == 5 * 2 * 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("method,kind", [("flatquant", "llada"), ("freeact", "llada"), ("flatquant", "dream"),
                                          ("freeact", "dream")])

@@ -419,8 +419,9 @@ class _Interleaved:
     layers overlap on the GPU. A layer that has run all its steps is handed to ``finish`` (after its
     stream's work, in the order layers end). With ``width`` 1 this is plain sequential training."""
 
-    def __init__(self, width: int, device, finish: Callable):
+    def __init__(self, width: int, device, finish: Callable, on_step: Callable | None = None):
         self.width, self.finish, self.jobs = width, finish, []
+        self.on_step = on_step or (lambda: None)
         device = torch.device(device)
         self.cuda = device.type == "cuda" and width > 1
         self.device = device
@@ -445,6 +446,7 @@ class _Interleaved:
             try:
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
                     next(steps)
+                self.on_step()
                 continue
             except StopIteration as done:
                 res = done.value
@@ -490,12 +492,19 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         p.requires_grad_(False)
     losses, info = {}, {}
 
-    bar = tqdm(total=len(adapter.layers()), desc="block-wise", disable=not ctx.progress, leave=False)
+    # the bar counts optimizer steps (layers in flight advance together, so a count of finished layers would
+    # stand still for minutes); a layer that ends early or has nothing to train adds its missing steps at its end
+    n_layers = len(adapter.layers())
+    per_layer = cfg.epochs * len(batches) if train else 0
+    bar = tqdm(total=n_layers * per_layer if per_layer else n_layers, desc="block-wise",
+               unit="step" if per_layer else "layer", disable=not ctx.progress, leave=False)
+    bar.set_postfix_str(f"layers done 0/{n_layers}", refresh=False)
 
     def finish(job: _LayerJob, res: dict) -> None:
         """A layer whose training ended: frozen, merged, cast back, its info recorded (and the bar moves)."""
         i, plan = job.index, job.plan
-        bar.update(1)
+        bar.set_postfix_str(f"layers done {len(losses) + 1}/{n_layers}", refresh=False)
+        bar.update(per_layer - res["steps"] if per_layer else 1)
         for p in plan.param_groups()[0] + plan.param_groups()[1]:
             p.requires_grad_(False)
         with record_function("block_training.merge"):
@@ -510,7 +519,7 @@ def train_blockwise(ctx, build: Callable, cfg: TrainConfig, token_types=None, wa
         if res["nonfinite"]:
             info.setdefault("nonfinite", []).append(res["nonfinite"])
 
-    flight = _Interleaved(cfg.layers_in_flight if train else 1, ctx.device, finish)
+    flight = _Interleaved(cfg.layers_in_flight if train else 1, ctx.device, finish, lambda: bar.update(1))
     try:
         for i, block in enumerate(adapter.blocks()):
             layer = block.layer
