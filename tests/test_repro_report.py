@@ -117,3 +117,20 @@ def test_report_pairs_the_iso_time_control(tmp_path):
     # constant per-seed differences: a zero-width interval
     assert "| freeact_flat_r0_7ep | flatquant | -0.0500 [-0.0500, -0.0500] (n = 3; lower) |" in text
     assert "| freeact_flat_r0 | flatquant_31ep | +0.1000 [+0.1000, +0.1000] (n = 3; higher) |" in text
+
+
+def test_report_says_what_the_sweep_still_lacks(tmp_path):
+    # a CSV named after a testbed is held against conf/experiment/repro_testbed_ar.yaml: 11 methods x seeds 0-2,
+    # fp16 once (31 runs), of which FlatQuant and the FreeAct variants (flatquant_orth ablations included) are 18
+    rows = _rows([4.0, 4.1, 4.2], [])
+    rows += [dict(rows[0], run_hash="r0", **{"method.name": "freeact", "method.label": "freeact_r0", "seed": 0}),
+             dict(rows[0], run_hash="r1", status="failed", **{"method.label": "freeact_r0", "seed": 1}),
+             dict(rows[0], run_hash="fp", **{"method.label": "fp16", "seed": 0})]
+    csv = tmp_path / "testbed_ar.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = tmp_path / "r.md"
+    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out)], check=True, cwd=ROOT)
+    text = out.read_text()
+    assert "5 of 31 runs; FlatQuant and the FreeAct variants (what issue 12 must show) 4 of 18." in text
+    assert "`freeact_r0` (1, 2); `freeact_flat_r0` (0, 1, 2);" in text  # a failed run is not a row
+    assert "`fp16`" not in text and "`flatquant` (" not in text

@@ -22,6 +22,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import make_tables as mt  # noqa: E402  (experiments/make_tables.py)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jobs  # noqa: E402  (experiments/repro/jobs.py: the sweeps)
+
 from freeact.analysis import logged_energies  # noqa: E402
 
 # (token split, its no-split control on the same basis)
@@ -83,6 +86,9 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
     lines = [f"## {model} ({Path(path).name})", "",
              f"Metric: `{metric}` ({'lower' if mt.lower_is_better(metric) else 'higher'} is better). "
              + "; ".join(mt.footer(df, [_devices(df)])), ""]
+    cov = coverage(df, Path(path).stem)
+    if cov is not None:
+        lines += cov[0]
     g = df.groupby("method.label", sort=False)[metric].agg(["mean", "std", "count"])
     g = g.sort_values("mean", ascending=mt.lower_is_better(metric))
     lines += ["| method.label | mean ± std (n) |", "|---|---|"]
@@ -133,6 +139,29 @@ def section(path: str, allow_mixed: bool, energy_dir: str | None = None) -> list
             ref = t.get(("flatquant", d))
             lines.append(f"| {k} | {d} | {v:.0f} | {v / ref:.2f}x |" if ref else f"| {k} | {d} | {v:.0f} | – |")
     return lines + [""]
+
+
+def coverage(df: pd.DataFrame, testbed: str) -> tuple[list[str], tuple[int, int, int, int]] | None:
+    """What the sweep of ``conf/experiment/repro_<testbed>.yaml`` asks for and the rows lack: Markdown lines and
+    ``(runs present, runs asked, must-show present, must-show asked)``, the must-show runs being FlatQuant's and
+    every FreeAct variant's (issue 12). None when the CSV is not one of the study's sweeps."""
+    if not (jobs.ROOT / "conf" / "experiment" / f"repro_{testbed}.yaml").exists():
+        return None
+    methods, seeds = jobs.sweep(testbed)
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    have = {(str(m), int(x)) for m, x in zip(ok["method.label"], ok["seed"])}
+    asked = {m: [x for x in seeds if not (m in jobs.SEED_FREE and x != seeds[0])] for m in methods}
+    missing = {m: [x for x in ss if (m, x) not in have] for m, ss in asked.items()}
+    must = [m for m in methods if m == "flatquant" or m.startswith(("freeact", "flatquant_orth"))]
+    n_asked = sum(len(ss) for ss in asked.values())
+    n_have = n_asked - sum(len(ss) for ss in missing.values())
+    m_asked = sum(len(asked[m]) for m in must)
+    m_have = m_asked - sum(len(missing[m]) for m in must)
+    gaps = [f"`{m}` ({', '.join(map(str, ss))})" for m, ss in missing.items() if ss]
+    lines = [f"Coverage of the sweep (`conf/experiment/repro_{testbed}.yaml`, seeds {', '.join(map(str, seeds))}): "
+             f"{n_have} of {n_asked} runs; FlatQuant and the FreeAct variants (what issue 12 must show) "
+             f"{m_have} of {m_asked}." + (f" Missing (seeds): {'; '.join(gaps)}." if gaps else " Nothing missing."), ""]
+    return lines, (n_have, n_asked, m_have, m_asked)
 
 
 def _device_names(df: pd.DataFrame) -> pd.Series:
