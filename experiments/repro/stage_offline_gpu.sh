@@ -8,7 +8,8 @@
 # STAGE_DIR/tb/*    the shipped testbeds, one folder each
 # STAGE_DIR/code.tgz  `git archive COMMIT` without the testbeds (rows must come from one commit)
 # STAGE_DIR/jobs.txt  results/repro/jobs_COMMIT_rest.txt when there is one (the runs the tables still lack):
-#                     copied anew each time, so that a job list of an earlier session is never reused
+#                     copied anew each time, so that a job list of an earlier session is never reused;
+#                     jobs_noar.txt the same without testbed_ar's runs (a short session: two uploads, no GGUF)
 # On the GPU machine: experiments/repro/offline_gpu.sh (install, add, launch, poll). With a lent machine that
 # takes 64 MiB a call (the tree itself ~16 MB), four uploads fit: w + g/q00 + tb/testbed_dream; g/q01 +
 # tb/testbed_vlm; g/q02 + g/q03; g/q04 + code.tgz + g/gguf.md5 + the job list, then `launch COMMIT JOBS auto` (as many
@@ -25,9 +26,11 @@ gguf=$(python -c "import importlib.util as u, pathlib; print(next(pathlib.Path(u
 (cd "$stage/g" && rm -f q?? && split -n "$parts" -d "$gguf" q && md5sum < "$gguf" > gguf.md5)
 for t in "$root"/freeact/assets/testbeds/testbed_*/; do cp -r "$t" "$stage/tb/"; done
 git -C "$root" archive --format=tar.gz -o "$stage/code.tgz" "$commit" -- . ':!freeact/assets/testbeds'
-rm -f "$stage/jobs.txt"
+rm -f "$stage/jobs.txt" "$stage/jobs_noar.txt"
 if [ -f "$root/results/repro/jobs_${commit}_rest.txt" ]; then
   cp "$root/results/repro/jobs_${commit}_rest.txt" "$stage/jobs.txt"
-  echo "job list: $(grep -c . "$stage/jobs.txt") runs (results/repro/jobs_${commit}_rest.txt)"
+  grep -v "repro_testbed_ar" "$stage/jobs.txt" > "$stage/jobs_noar.txt" || true
+  echo "job list: $(grep -c . "$stage/jobs.txt") runs (results/repro/jobs_${commit}_rest.txt);" \
+    "$(grep -c . "$stage/jobs_noar.txt") without testbed_ar (jobs_noar.txt: no GGUF upload needed)"
 fi
 du -sh "$stage"/*
