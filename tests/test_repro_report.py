@@ -21,6 +21,15 @@ def _rows(seeds_a, seeds_b, commit="abc1234"):
     return rows
 
 
+def _report(tmp_path, rows, name="t.csv") -> str:
+    """The report of ``rows`` written as the CSV ``name`` (a testbed's name holds it against that sweep)."""
+    csv = tmp_path / name
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = tmp_path / "r.md"
+    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out)], check=True, cwd=ROOT)
+    return out.read_text()
+
+
 def test_report_regenerates_paired_differences(tmp_path):
     csv = tmp_path / "t.csv"
     pd.DataFrame(_rows([4.0, 4.1, 4.2], [3.9, 3.98, 4.06])).to_csv(csv, index=False)
@@ -40,11 +49,7 @@ def test_report_times_against_flatquant_on_the_same_device(tmp_path):
     rows = _rows([4.0, 4.1], [3.9, 4.0])
     for r, (dev, secs) in zip(rows, [("GPU-A", 100.0), ("cpu", 400.0), ("GPU-A", 150.0), ("cpu", 200.0)]):
         r.update({"device_name": dev, "info.train_seconds": secs})
-    csv = tmp_path / "t.csv"
-    pd.DataFrame(rows).to_csv(csv, index=False)
-    out = tmp_path / "r.md"
-    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out)], check=True, cwd=ROOT)
-    text = out.read_text()
+    text = _report(tmp_path, rows)
     assert "devices: GPU-A (2 rows), cpu (2 rows)" in text
     assert "| freeact_flat | GPU-A | 150 | 1.50x |" in text and "| freeact_flat | cpu | 200 | 0.50x |" in text
 
@@ -126,11 +131,7 @@ def test_report_says_what_the_sweep_still_lacks(tmp_path):
     rows += [dict(rows[0], run_hash="r0", **{"method.name": "freeact", "method.label": "freeact_r0", "seed": 0}),
              dict(rows[0], run_hash="r1", status="failed", **{"method.label": "freeact_r0", "seed": 1}),
              dict(rows[0], run_hash="fp", **{"method.label": "fp16", "seed": 0})]
-    csv = tmp_path / "testbed_ar.csv"
-    pd.DataFrame(rows).to_csv(csv, index=False)
-    out = tmp_path / "r.md"
-    subprocess.run([sys.executable, str(SCRIPT), str(csv), "--out", str(out)], check=True, cwd=ROOT)
-    text = out.read_text()
+    text = _report(tmp_path, rows, "testbed_ar.csv")
     assert "5 of 31 runs; FlatQuant and the FreeAct variants (what issue 12 must show) 4 of 18." in text
     assert "`freeact_r0` (1, 2); `freeact_flat_r0` (0, 1, 2);" in text  # a failed run is not a row
     assert "`fp16`" not in text and "`flatquant` (" not in text
