@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -173,3 +174,44 @@ def test_iso_time_gives_each_method_the_others_training_time(tmp_path):
     p = subprocess.run(["bash", script, "abc1234", str(logs), "testbed_dream"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and len(p.stdout.splitlines()) == 6, p.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("pgrep") is None, reason="needs bash and pgrep")
+def test_launch_with_mps_auto_probes_then_falls_back_when_the_daemon_will_not_start(tmp_path):
+    """MPS=auto end to end with stand-ins: the probe's runs report twice the steps a second under MPS, so MPS is
+    chosen; the daemon starts for the probe but not again for the queue, which then starts without it."""
+    keep, src, bin_ = tmp_path / "keep", tmp_path / "src", tmp_path / "bin"
+    (keep / "tb/testbed_x").mkdir(parents=True)
+    (src / "freeact").mkdir(parents=True)
+    subprocess.run(["tar", "-czf", str(keep / "code.tgz"), "-C", str(src), "."], check=True)
+    bin_.mkdir()
+    (bin_ / "python3").write_text(
+        "#!/bin/bash\n"
+        'if [ "$1" = experiments/profile_step.py ]; then\n'
+        '  t=10.0; [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && t=5.0\n'
+        '  echo "apply 1.0 s, train $t s for 960 steps: stand-in"; exit 0; fi\n'
+        '[ "$1" = -m ] && { echo "stand-in run $*"; exit 0; }\n'
+        f'exec "{sys.executable}" "$@"\n')
+    (bin_ / "nvidia-cuda-mps-control").write_text(  # -d works once (the probe's), then fails
+        "#!/bin/bash\n"
+        'if [ "$1" = -d ]; then n=$(cat "$MPS_COUNT" 2>/dev/null || echo 0); echo $((n + 1)) > "$MPS_COUNT"; '
+        '[ "$n" -eq 0 ]; exit; fi\ncat > /dev/null\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("+experiment=repro_testbed_vlm method=rtn seed=0\n")
+    env = dict(os.environ, KEEP=str(keep), SITE=str(tmp_path / "site"), MPS="auto", MPS_WAIT="0",
+               MPS_COUNT=str(tmp_path / "mps_count"), PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    p = subprocess.run(["bash", str(REPO / "experiments/repro/offline_gpu.sh"), "launch", "abc1234", str(jobs), "2"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "inflight10: 2 runs, 1920 steps in 10.0 s -> 192.0 steps/s" in p.stdout
+    assert "mps_inflight10: 2 runs, 1920 steps in 5.0 s -> 384.0 steps/s" in p.stdout
+    assert "MPS=1 (" in p.stdout and "launching without MPS" in p.stdout, p.stdout
+    assert (tmp_path / "mps_count").read_text().strip() == "4"  # the probe's start, then three tries
+    assert "mps_inflight10: 2 runs" in (keep / "probe.txt").read_text()  # kept for poll to copy back
+    for _ in range(50):  # the queue runs in its own session: wait for its one stand-in run
+        if (keep / "q/done.txt").exists():
+            break
+        time.sleep(0.2)
+    assert " rc=0 " in (keep / "q/done.txt").read_text()

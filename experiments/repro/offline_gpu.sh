@@ -66,13 +66,18 @@ unpack|launch)
     echo "MPS=auto: throughput_probe.sh with $par runs, without and with MPS"
     (cd "$K/code" && VARIANTS="inflight10 mps_inflight10" bash "$HERE/throughput_probe.sh" "$par" "$K/probe") \
       | tee "$K/probe.txt"
-    MPS=$(bash "$HERE/offline_gpu.sh" mps_choice "$K/probe.txt")
+    MPS=$(bash "$HERE/offline_gpu.sh" mps_choice "$K/probe.txt") auto=1
     echo "MPS=$MPS (1: under MPS the runs together trained over 10% more steps a second)"
+    sleep "${MPS_WAIT:-5}"  # the probe's MPS daemon was told to quit: let its server go before another starts
   fi
   if [ "${MPS:-0}" = 1 ]; then
     export CUDA_MPS_PIPE_DIRECTORY=$K/mps_pipe CUDA_MPS_LOG_DIRECTORY=$K/mps_log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d || { echo "MPS: the control daemon did not start"; exit 1; }
+    for _ in 1 2 3; do nvidia-cuda-mps-control -d && break; sleep "${MPS_WAIT:-5}"; false; done \
+      || if [ "${auto:-0}" = 1 ]; then  # measured, but it will not start now: run the queue without it
+           echo "MPS: the control daemon did not start; launching without MPS"
+           unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+         else echo "MPS: the control daemon did not start"; exit 1; fi
   fi
   # the queue runner is this script's sibling (it only starts processes); the code it runs is COMMIT's
   cp "$(dirname "$0")/gpu_queue.sh" "$K/gpu_queue.sh"
