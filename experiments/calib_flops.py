@@ -76,7 +76,6 @@ def main(argv=None) -> None:
     ap.add_argument("--seqlen", type=int, default=128, help="tokens a sequence of the first counted run")
     ap.add_argument("--tiny", action="store_true", help="bench_cost's small widths (a quick check)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"matrix-product TFLOP of one layer's calibration outside its steps (epochs 0), at {a.tokens} tokens")
     print("| model | method | dtype | fixed | per 1k tokens | total |\n|---|---|---|---|---|---|")
     for model_name in a.models.split(","):

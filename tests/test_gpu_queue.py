@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 FAST = "calib.nsamples=4 calib.seqlen=32 eval.seqlen=32 eval.max_chunks=2 eval.mc_num=2"
 
 
+def _code_archive(tmp_path, dest) -> None:
+    """A stand-in for the stage's ``code.tgz`` (``git archive`` of the code): one package file, at ``dest``."""
+    src = tmp_path / "src"
+    (src / "freeact").mkdir(parents=True)
+    (src / "freeact/__init__.py").write_text("")
+    subprocess.run(["tar", "-czf", str(dest), "-C", str(src), "."], check=True)
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_queue_records_each_runs_own_exit_status(tmp_path):
     csv = tmp_path / "res.csv"
@@ -48,10 +56,7 @@ def test_offline_unpack_checks_the_gguf_and_places_the_testbeds(tmp_path):
     (stage / "g/q01").write_bytes(b"second half")
     md5 = subprocess.run("cat q00 q01 | md5sum", shell=True, cwd=stage / "g", capture_output=True, text=True).stdout
     (stage / "g/gguf.md5").write_text(md5)
-    src = tmp_path / "src"
-    (src / "freeact").mkdir(parents=True)
-    (src / "freeact/__init__.py").write_text("")
-    subprocess.run(["tar", "-czf", str(stage / "code.tgz"), "-C", str(src), "."], check=True)
+    _code_archive(tmp_path, stage / "code.tgz")
     env = dict(os.environ, KEEP=str(keep), SITE=str(site))
     script = str(REPO / "experiments/repro/offline_gpu.sh")
 
@@ -74,11 +79,9 @@ def test_offline_unpack_checks_the_gguf_and_places_the_testbeds(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_offline_launch_without_the_gguf_refuses_testbed_ar_runs(tmp_path):
     # a short session uploads no GGUF parts and queues no testbed_ar run: unpack works, a list with one is refused
-    keep, src = tmp_path / "keep", tmp_path / "src"
+    keep = tmp_path / "keep"
     (keep / "tb/testbed_x").mkdir(parents=True)
-    (src / "freeact").mkdir(parents=True)
-    (src / "freeact/__init__.py").write_text("")
-    subprocess.run(["tar", "-czf", str(keep / "code.tgz"), "-C", str(src), "."], check=True)
+    _code_archive(tmp_path, keep / "code.tgz")
     env = dict(os.environ, KEEP=str(keep), SITE=str(tmp_path / "site"))
     script = str(REPO / "experiments/repro/offline_gpu.sh")
     ok = subprocess.run(["bash", script, "unpack", "abc1234"], env=env, capture_output=True, text=True, timeout=60)
@@ -180,10 +183,9 @@ def test_iso_time_gives_each_method_the_others_training_time(tmp_path):
 def test_launch_with_mps_auto_probes_then_falls_back_when_the_daemon_will_not_start(tmp_path):
     """MPS=auto end to end with stand-ins: the probe's runs report twice the steps a second under MPS, so MPS is
     chosen; the daemon starts for the probe but not again for the queue, which then starts without it."""
-    keep, src, bin_ = tmp_path / "keep", tmp_path / "src", tmp_path / "bin"
+    keep, bin_ = tmp_path / "keep", tmp_path / "bin"
     (keep / "tb/testbed_x").mkdir(parents=True)
-    (src / "freeact").mkdir(parents=True)
-    subprocess.run(["tar", "-czf", str(keep / "code.tgz"), "-C", str(src), "."], check=True)
+    _code_archive(tmp_path, keep / "code.tgz")
     bin_.mkdir()
     (bin_ / "python3").write_text(
         "#!/bin/bash\n"

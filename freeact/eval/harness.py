@@ -200,11 +200,11 @@ def _run_harness(model, adapter, tokenizer, tasks, *, limit, num_fewshot, batch_
     was_training = model.training
     model.eval()
     try:
-        with task_index(tasks, include_path) as manager:
+        local = local_tasks(include_path)
+        with task_index(tasks, include_path, local) as manager:
             unknown = [t for t in tasks if t not in manager.all_tasks]
             if unknown:
-                raise ValueError(f"unknown lm-eval task(s) {unknown}; "
-                                 f"the offline tasks are {sorted(local_tasks(include_path))}")
+                raise ValueError(f"unknown lm-eval task(s) {unknown}; the offline tasks are {sorted(local)}")
             out = lm_eval.simple_evaluate(
                 model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 gen_kwargs=None if adapter.objective == "mdm" else {"max_gen_toks": gen_length},
@@ -224,16 +224,18 @@ def local_tasks(include_path=None) -> set[str]:
 
 
 @contextlib.contextmanager
-def task_index(tasks, include_path=None):
+def task_index(tasks, include_path=None, local: set[str] | None = None):
     """lm-eval's ``TaskManager`` over the shipped tasks, ``include_path``'s and, unless every one of ``tasks`` is
-    local, lm-eval's own library (a scan of seconds); the task files live until the block ends."""
+    local, lm-eval's own library (a scan of seconds); the task files live until the block ends. ``local``: the
+    caller's :func:`local_tasks` (else scanned here)."""
     from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="freeact_tasks_") as tmp:
         paths = [str(materialize_tasks(Path(tmp) / "freeact"))]
         if include_path:
             paths.append(str(materialize_tasks(Path(tmp) / "user", Path(include_path).expanduser())))
-        yield TaskManager(include_path=paths, include_defaults=not set(tasks) <= local_tasks(include_path))
+        local = local_tasks(include_path) if local is None else local
+        yield TaskManager(include_path=paths, include_defaults=not set(tasks) <= local)
 
 
 def check_task_names(ecfg) -> None:
@@ -244,7 +246,7 @@ def check_task_names(ecfg) -> None:
     if set(tasks) <= local:
         return
     _quiet_lm_eval()
-    with offline_defaults(), task_index(tasks, inc) as manager:
+    with offline_defaults(), task_index(tasks, inc, local) as manager:
         known = list(manager.all_tasks)
     for t in tasks:
         if t not in known:

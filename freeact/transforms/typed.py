@@ -177,13 +177,10 @@ class TypeCovariance:
             xk = x[t == k]
             if not len(xk):
                 continue
-            if len(self._blocks) == 1:
-                self._cov[k].addmm_(xk.T, xk)
-            else:
-                for i, bi in enumerate(self._blocks):
-                    for bj in self._blocks[i:]:
-                        self._cov[k, bi, bj].addmm_(xk[:, bi].T, xk[:, bj])
-                self._mirrored = False
+            for i, bi in enumerate(self._blocks):  # one block: the whole matrix
+                for bj in self._blocks[i:]:
+                    self._cov[k, bi, bj].addmm_(xk[:, bi].T, xk[:, bj])
+            self._mirrored = len(self._blocks) == 1
             self.count[k] += len(xk)
 
 
