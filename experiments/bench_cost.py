@@ -159,6 +159,11 @@ def calib_set(name: str, model, nsamples: int, seqlen: int, seed: int = 0) -> Ca
     return CalibSet(ids, ids)
 
 
+def w4a4() -> QuantSettings:
+    """The settings every measurement here quantizes to: 4-bit weights and activations, 16-bit KV cache."""
+    return QuantSettings(QuantSpec(bits=4), QuantSpec(bits=4), QuantSpec(bits=16, symmetric=False))
+
+
 def method_cfg(method: str, model_name: str, epochs: int, amp: str = "off", compile_: str = "default") -> dict:
     cfg = dict(METHODS[method])
     if method in LEARNED:
@@ -452,7 +457,7 @@ def run_one(model_name: str, method: str, args, base: dict) -> tuple[list[dict],
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    q = QuantSettings(QuantSpec(bits=4), QuantSpec(bits=4), QuantSpec(bits=16, symmetric=False))
+    q = w4a4()
     ctx = QuantContext(model, adapter, q, calib, device=dev, batch_size=4, seed=0, progress=args.progress,
                        streaming=streaming, stream_cache="device")
     cfg = method_cfg(method, model_name, args.epochs, args.amp, args.compile)

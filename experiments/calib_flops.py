@@ -25,9 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 import bench_cost as bc  # noqa: E402  (the models, calibration sets and method settings it times)
 
-from freeact.methods import QuantContext, QuantSettings, get_method  # noqa: E402
+from freeact.methods import QuantContext, get_method  # noqa: E402
 from freeact.models import get_adapter  # noqa: E402
-from freeact.quant.quantizer import QuantSpec  # noqa: E402
 
 aten = torch.ops.aten
 # (operator, positions of its two matrix operands)
@@ -54,8 +53,7 @@ def layer_flops(model_name: str, method: str, tokens_per_seq: int, nsamples: int
     """Matrix-product FLOPs by dtype of one layer's calibration at ``epochs=0`` (``nsamples`` sequences)."""
     model = bc.build_model(model_name, 1, "cpu", tiny=tiny)
     calib = bc.calib_set(model_name, model, nsamples, tokens_per_seq)
-    q = QuantSettings(QuantSpec(bits=4), QuantSpec(bits=4), QuantSpec(bits=16, symmetric=False))
-    ctx = QuantContext(model, get_adapter(model), q, calib, device="cpu", batch_size=4, seed=0, progress=False)
+    ctx = QuantContext(model, get_adapter(model), bc.w4a4(), calib, device="cpu", batch_size=4, seed=0, progress=False)
     with MatmulFlops() as counter:
         get_method(method, bc.method_cfg(method, model_name, 0)).apply(ctx)
     return dict(counter.flops)
